@@ -1,0 +1,1 @@
+"""The HTTP side: FastAPI app, model registry and prediction. Never imports TensorFlow on its own."""

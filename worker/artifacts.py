@@ -1,0 +1,246 @@
+"""The artifact store: one directory per model, written atomically, and the aliases beside them.
+
+Layout under `TL_ARTIFACT_DIR`:
+    models/{model_id}/model.keras      the whole Keras model (raw uint8 RGB 32x32x3 in, 10 probabilities out)
+    models/{model_id}/model.tflite     the TensorFlow Lite export served by the API (when the export passed)
+    models/{model_id}/metadata.json    spec, metrics, history, parameter counts, data and weights provenance
+    models/{model_id}/curves.png       accuracy and loss per epoch, train vs test
+    models/.staging/                   models being written; renamed into `models/` when complete
+    aliases.json                       {"alias": "model_id"}, replaced atomically under a file lock
+    feature-cache/                     cached MobileNetV2 features (the engine's, see worker/features.py)
+
+A model directory appears under its final name only once every file in it is written and fsynced
+(`os.rename` of a complete staging directory), so readers never see a partial model. This module never
+imports TensorFlow: the API reads the store through it, and the store on disk is the source of truth
+(Redis may lose everything; every model here is still listed and served).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from worker.errors import ArtifactWriteError
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+RESERVED_ALIASES = frozenset({"latest"})
+
+KERAS_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+METADATA_FILE = "metadata.json"
+CURVES_FILE = "curves.png"
+_STAGING = ".staging"
+_TRASH = ".trash"
+
+
+class ModelInfo(BaseModel):
+    """The Model object of shared/API.md (aliases filled in by the store)."""
+
+    id: str
+    name: str | None = None
+    kind: str
+    job_id: str | None = None
+    created_at: str
+    classes: list[str]
+    input_shape: list[int] = Field(default_factory=lambda: [32, 32, 3])
+    spec: dict[str, Any]
+    metrics: dict[str, Any]
+    aliases: list[str] = Field(default_factory=list)
+
+
+def valid_id(value: str) -> bool:
+    return bool(ID_PATTERN.fullmatch(value))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` via a temporary file in the same directory and `os.replace`."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ModelStore:
+    """Reads and writes model directories and aliases under one artifact directory."""
+
+    def __init__(self, artifact_dir: Path) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.models_dir = self.artifact_dir / "models"
+        self.aliases_file = self.artifact_dir / "aliases.json"
+        self._lock_file = self.artifact_dir / ".aliases.lock"
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    # ----- writing (the worker) -----
+
+    @contextlib.contextmanager
+    def staging(self, model_id: str) -> Iterator[Path]:
+        """A fresh staging directory for `model_id`; removed on any error, left for `publish` otherwise."""
+        if not valid_id(model_id):
+            raise ValueError(f"invalid model id {model_id!r}")
+        staging = self.models_dir / _STAGING / f"{model_id}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise ArtifactWriteError(
+                f"cannot create a model directory under {self.models_dir}: {exc.strerror or exc}; "
+                "check that TL_ARTIFACT_DIR exists, is writable by the worker and has free space"
+            ) from exc
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def publish(self, staging: Path, model_id: str) -> Path:
+        """Fsync every file of a complete staging directory and rename it to `models/{model_id}`."""
+        final = self.models_dir / model_id
+        try:
+            for child in staging.iterdir():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(staging)
+            os.rename(staging, final)
+            _fsync_dir(self.models_dir)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ArtifactWriteError(
+                f"cannot write model {model_id} to {final}: {exc.strerror or exc}; "
+                "check free space and permissions of TL_ARTIFACT_DIR"
+            ) from exc
+        return final
+
+    # ----- reading (the API) -----
+
+    def model_dir(self, model_id: str) -> Path | None:
+        """The directory of a complete model, or None (also for ids that are not valid ids)."""
+        if not valid_id(model_id) or model_id.startswith("."):
+            return None
+        path = self.models_dir / model_id
+        return path if (path / METADATA_FILE).is_file() else None
+
+    def metadata(self, model_id: str) -> dict[str, Any] | None:
+        """The full metadata.json of a model (cached by file mtime), or None."""
+        path = self.model_dir(model_id)
+        if path is None:
+            return None
+        meta_path = path / METADATA_FILE
+        try:
+            mtime = meta_path.stat().st_mtime
+            cached = self._cache.get(model_id)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            data = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        self._cache[model_id] = (mtime, data)
+        return data
+
+    def list_ids(self) -> list[str]:
+        """Ids of every complete model, newest first."""
+        try:
+            entries = [e.name for e in os.scandir(self.models_dir) if e.is_dir() and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        dated = []
+        for model_id in entries:
+            meta = self.metadata(model_id)
+            if meta is not None:
+                dated.append((meta.get("created_at", ""), model_id))
+        dated.sort(reverse=True)
+        return [model_id for _, model_id in dated]
+
+    def info(self, model_id: str, aliases: dict[str, str] | None = None) -> ModelInfo | None:
+        meta = self.metadata(model_id)
+        if meta is None:
+            return None
+        aliases = self.read_aliases() if aliases is None else aliases
+        return ModelInfo.model_validate({
+            **{k: meta.get(k) for k in ("id", "name", "kind", "job_id", "created_at", "classes", "spec", "metrics")},
+            "input_shape": meta.get("input_shape", [32, 32, 3]),
+            "aliases": sorted(a for a, m in aliases.items() if m == model_id),
+        })
+
+    def list(self) -> list[ModelInfo]:
+        aliases = self.read_aliases()
+        infos = (self.info(model_id, aliases) for model_id in self.list_ids())
+        return [info for info in infos if info is not None]
+
+    def resolve(self, ref: str) -> str | None:
+        """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
+        if ref == "latest":
+            ids = self.list_ids()
+            return ids[0] if ids else None
+        if self.model_dir(ref) is not None:
+            return ref
+        target = self.read_aliases().get(ref)
+        if target is not None and self.model_dir(target) is not None:
+            return target
+        return None
+
+    def delete(self, model_id: str) -> bool:
+        """Remove a model (atomically: renamed away first) and every alias pointing at it."""
+        path = self.model_dir(model_id)
+        if path is None:
+            return False
+        trash = self.models_dir / _TRASH / f"{model_id}-{secrets.token_hex(4)}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, trash)
+        self._cache.pop(model_id, None)
+        with self._aliases_locked() as aliases:
+            for alias in [a for a, m in aliases.items() if m == model_id]:
+                del aliases[alias]
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    # ----- aliases -----
+
+    def read_aliases(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.aliases_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    @contextlib.contextmanager
+    def _aliases_locked(self) -> Iterator[dict[str, str]]:
+        """Read-modify-write the aliases under an exclusive lock; written atomically on exit."""
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_file, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            aliases = self.read_aliases()
+            before = dict(aliases)
+            yield aliases
+            if aliases != before:
+                write_json_atomic(self.aliases_file, aliases)
+
+    def set_alias(self, alias: str, model_id: str) -> None:
+        with self._aliases_locked() as aliases:
+            aliases[alias] = model_id
+
+    def delete_alias(self, alias: str) -> bool:
+        with self._aliases_locked() as aliases:
+            return aliases.pop(alias, None) is not None

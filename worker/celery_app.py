@@ -1,0 +1,57 @@
+"""The Celery app, configured for long TensorFlow jobs. Imported by the API (to send tasks by name) and the worker.
+
+Nothing here imports TensorFlow: the worker's parent process must never have it loaded before it forks
+its pool child (TensorFlow's threads do not survive a fork). The child imports it itself
+(`worker.tasks`, on `worker_process_init`).
+
+Choices for long jobs:
+- prefetch multiplier 1 and concurrency 1 per worker: one job at a time per worker (per GPU);
+- `worker_max_tasks_per_child=1`: the child process is replaced after every job, so host and GPU memory
+  come back;
+- early ack + a heartbeat in the job record + a reaper: a job whose worker dies is failed within
+  `TL_JOB_LOST_SECONDS` and never runs twice; the Redis `visibility_timeout` is longer than the longest job
+  (`TL_JOB_MAX_SECONDS`), so a slow job is never redelivered to a second worker while it runs.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker.config import Settings, get_settings
+
+TRAIN_TASK = "tl.train"
+TRAINING_QUEUE = "training"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings` (broker, result backend and job store are the same Redis)."""
+    app = Celery("tl", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app.conf.update(
+        task_queues=[Queue(TRAINING_QUEUE)],
+        task_default_queue=TRAINING_QUEUE,
+        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=False,
+        task_track_started=True,
+        task_time_limit=settings.job_max_seconds + 300,
+        task_soft_time_limit=settings.job_max_seconds,
+        result_expires=7 * 24 * 3600,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.job_max_seconds + 3600},
+        result_backend_transport_options={"visibility_timeout": settings.job_max_seconds + 3600},
+        broker_connection_timeout=5,
+        redis_socket_connect_timeout=5,
+        redis_socket_timeout=30,
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())

@@ -1,0 +1,77 @@
+"""The one place configuration is read: a typed `Settings` from `TL_*` environment variables.
+
+Both sides use it: the API (`service`), the Celery worker and the command line. Bad values stop
+start-up with a message naming the variable (pydantic-settings validation).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every `TL_*` variable the service reads; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="TL_", extra="ignore", frozen=True)
+
+    # --- shared/API.md's table ---
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker, result backend and job store")
+    artifact_dir: Path = Field(Path("./artifacts"), description="models and cached features are written here")
+    data_dir: Path = Field(Path("./data"), description="looked in first for CIFAR-10")
+    weights_dir: Path | None = Field(None, description="looked in first for MobileNetV2 ImageNet weights")
+    api_key: str | None = Field(None, description="bearer token required on /v1 routes when set")
+    port: int = Field(8000, ge=1, le=65535, description="API port for the quick-start command")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest predict request body")
+    max_batch: int = Field(64, ge=1, le=4096, description="most images in one predict request")
+
+    # --- our own ---
+    allow_download: bool = Field(True, description="let Keras download CIFAR-10 / weights when no local copy")
+    model_cache_size: int = Field(4, ge=1, le=256, description="models kept loaded for predict (LRU)")
+    batch_window_ms: float = Field(2.0, ge=0, le=1000, description="micro-batching: wait this long to merge")
+    serving_threads: int = Field(2, ge=1, le=256, description="threads of the serving runtime per model")
+    feature_cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="disk bound of the feature cache")
+    job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="worker heartbeat interval")
+    job_lost_seconds: float = Field(45.0, gt=0, description="a running job silent this long is failed")
+    job_max_seconds: int = Field(6 * 3600, ge=60, description="longest job; Redis visibility timeout exceeds it")
+    job_ttl_seconds: int = Field(30 * 24 * 3600, ge=60, description="how long finished job records are kept")
+    mixed_precision: bool = Field(False, description="mixed_float16 training on a GPU")
+    deterministic: bool = Field(True, description="Keras deterministic ops (reproducible runs)")
+    log_level: str = Field("INFO", description="logging level of every process")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @property
+    def models_dir(self) -> Path:
+        return self.artifact_dir / "models"
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return self.artifact_dir / "feature-cache"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,78 @@
+"""The training job spec: the body of `POST /v1/jobs`, validated the same way for the API and the CLI."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelKind = Literal["baseline", "transfer"]
+Alpha = Literal[0.35, 0.5, 0.75, 1.0, 1.3, 1.4]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+#: Fields that only mean something for the transfer model; a baseline job that sets one is refused.
+TRANSFER_FIELDS: tuple[str, ...] = (
+    "image_size", "alpha", "dropout", "dense_units",
+    "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
+)
+
+
+class JobCreate(BaseModel):
+    """A training job request. Unknown fields are refused; defaults reproduce the reference experiment."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "transfer", "train_samples": 5000, "test_samples": 1000, "epochs": 10, "seed": 42},
+                {"model": "baseline", "epochs": 10, "batch_size": 32, "name": "cnn-from-scratch"},
+            ]
+        },
+    )
+
+    model: ModelKind = Field(description="small CNN from scratch, or ImageNet MobileNetV2 base + new head")
+    dataset: Literal["cifar10"] = "cifar10"
+    train_samples: int = Field(5000, ge=100, le=50000, description="seeded random subset of the training split")
+    test_samples: int = Field(1000, ge=100, le=10000, description="seeded random subset of the test split")
+    epochs: int = Field(10, ge=1, le=200)
+    batch_size: int = Field(32, ge=8, le=1024)
+    learning_rate: float = Field(0.001, gt=0, le=1, description="Adam")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="same seed + spec -> same subset and initial weights")
+    name: str | None = Field(None, max_length=64, description="label for the resulting model")
+    image_size: int = Field(96, ge=32, le=224, description="transfer only: 32x32 input resized to this")
+    alpha: Alpha = Field(1.0, description="transfer only: MobileNetV2 width multiplier")
+    dropout: float = Field(0.5, ge=0, le=0.9, description="transfer only")
+    dense_units: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [128, 64], min_length=0, max_length=4,
+        description="transfer only: hidden dense layers of the head (each 1..4096)",
+    )
+    fine_tune_layers: int = Field(0, ge=0, le=1000, description="transfer only: top base layers unfrozen")
+    fine_tune_epochs: int = Field(0, ge=0, le=200, description="transfer only")
+    fine_tune_learning_rate: float = Field(0.00001, gt=0, le=1, description="transfer only")
+
+    @model_validator(mode="after")
+    def _check(self) -> JobCreate:
+        if self.model == "baseline":
+            given = sorted(set(TRANSFER_FIELDS) & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: transfer-only field(s), not allowed for a baseline job")
+        return self
+
+    @property
+    def fine_tuning(self) -> bool:
+        return self.model == "transfer" and self.fine_tune_layers > 0 and self.fine_tune_epochs > 0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + (self.fine_tune_epochs if self.fine_tuning else 0)
+
+    def public(self) -> dict[str, Any]:
+        """The spec as stored and shown: every default filled in, transfer fields only for transfer jobs."""
+        data = self.model_dump(mode="json")
+        if self.model == "baseline":
+            for field in TRANSFER_FIELDS:
+                data.pop(field, None)
+        return data
