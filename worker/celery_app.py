@@ -42,6 +42,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_max_tasks_per_child=1,
+        # A new pool child imports TensorFlow before it reports ready (`worker.tasks.warm_start`): that takes
+        # longer than Celery's default 4 s on a small CPU, after which the parent would kill the child.
+        worker_proc_alive_timeout=120,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
