@@ -1,0 +1,146 @@
+"""The FastAPI app: `create_app(settings)` builds it; `service.main:app` is the one uvicorn serves.
+
+Where a request goes: `MetricsMiddleware` (counts and times it) -> `RequestGuard` (bearer key on /v1,
+body size) -> a router in `service.routes` -> domain errors become problem+json in `service.errors`.
+The lifespan opens Redis (lazily: the API starts, and models and predict work, without it), the
+model cache with its inference threads, and the reaper that fails jobs whose worker died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from service.deps import Services
+from service.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
+from service.housekeeping import WorkerCensus, reaper_interval, run_reaper
+from service.inference import ModelCache
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.middleware import RequestGuard, is_protected
+from service.routes import jobs, models, ops, predict
+from worker.artifacts import ModelStore
+from worker.celery_app import make_celery
+from worker.config import Settings, get_settings
+from worker.jobs import AsyncJobStore
+
+log = logging.getLogger(__name__)
+
+TITLE = "CIFAR-10 transfer-learning service"
+VERSION = "1.0.0"
+DESCRIPTION = (
+    "Train CIFAR-10 image classifiers (a small CNN from scratch, or an ImageNet MobileNetV2 base with a new head) "
+    "as background jobs, keep the resulting models in a registry with aliases, and classify images with them. "
+    "Errors are `application/problem+json`. When `TL_API_KEY` is set, every `/v1` route needs "
+    "`Authorization: Bearer <key>`."
+)
+#: Job endpoints must answer 503 quickly when Redis is down, then recover by themselves.
+REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
+REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """The API's Redis client: short timeouts, one quick retry, reconnects on its own."""
+    return aioredis.Redis.from_url(
+        settings.redis_url, decode_responses=True,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1), health_check_interval=15,
+    )
+
+
+def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
+    """Everything the routes share; nothing here connects yet or loads a model."""
+    store = ModelStore(settings.artifact_dir)
+    executor = ThreadPoolExecutor(max_workers=settings.model_cache_size, thread_name_prefix="tl-infer")
+    cache = ModelCache(store, executor, size=settings.model_cache_size, threads=settings.serving_threads,
+                       max_batch=settings.max_batch, window_ms=settings.batch_window_ms,
+                       on_batch=metrics.batch_images.observe,
+                       on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds))
+    celery = make_celery(settings)
+    return Services(settings=settings, jobs=AsyncJobStore(redis_client(settings), settings.job_ttl_seconds),
+                    models=store, cache=cache, celery=celery, metrics=metrics, workers=WorkerCensus(celery),
+                    executor=executor)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (by default the process's, read from `TL_*` environment variables)."""
+    settings = settings or get_settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.getLogger("service").setLevel(settings.log_level)
+        services = build_services(settings, metrics)
+        app.state.services = services
+        interval = reaper_interval(settings.job_lost_seconds)
+        reaper = asyncio.create_task(run_reaper(services.jobs, settings.job_lost_seconds, interval),
+                                     name="tl-reaper")
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with suppress(asyncio.CancelledError):
+                await reaper
+            services.cache.clear()
+            services.executor.shutdown(wait=False, cancel_futures=True)
+            await services.jobs.redis.aclose()
+            services.celery.close()
+
+    app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan, redoc_url=None,
+                  openapi_tags=[
+                      {"name": "jobs", "description": "training jobs"},
+                      {"name": "models", "description": "the model registry and aliases"},
+                      {"name": "predict", "description": "classify images"},
+                      {"name": "operations", "description": "health, readiness and metrics (no key needed)"},
+                  ])
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (jobs, models, predict, ops):
+        app.include_router(module.router)
+    # Added last = outermost: metrics see every answer, including the guard's 401 and 413.
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes, tags=app.openapi_tags)
+            app.openapi_schema = _polish_openapi(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _polish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """Errors documented as problem+json only (FastAPI's default 422 shape is not what we answer),
+    and the bearer scheme declared on every /v1 operation."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearerAuth"] = {
+        "type": "http", "scheme": "bearer", "description": "TL_API_KEY (only when the server sets one)"}
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            if is_protected(path):
+                operation["security"] = [{"bearerAuth": []}, {}]
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status[:1] in "45":
+                    if PROBLEM_CONTENT_TYPE in content or "HTTPValidationError" in str(content):
+                        response["content"] = {PROBLEM_CONTENT_TYPE: {"schema": problem_ref}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        if name not in str(schema["paths"]):
+            components.get("schemas", {}).pop(name, None)
+    return schema
+
+
+app = create_app()

@@ -1,0 +1,124 @@
+"""The request guard, a raw ASGI middleware that answers before any route reads the body.
+
+1. Authentication: when `TL_API_KEY` is set, every `/v1` path needs `Authorization: Bearer <key>`
+   (compared in constant time); other paths (`/healthz`, `/readyz`, `/metrics`, `/docs`,
+   `/openapi.json`) stay open. A missing or wrong key is a 401 with `WWW-Authenticate: Bearer`.
+2. Body size: a `Content-Length` over `TL_MAX_UPLOAD_BYTES` is a 413 without reading a byte of the
+   body; a chunked body (no length) is counted as it arrives and cut off at the limit, and whatever the
+   route was about to answer is replaced by the same 413. So no request ever holds more than the limit
+   in memory.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import problem_bytes
+
+PROTECTED_PREFIX = "/v1"
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` once a streamed body passes the limit (turned into a 413 by the guard)."""
+
+
+def is_protected(path: str) -> bool:
+    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class RequestGuard:
+    """Bearer-key check on /v1 paths and the request body limit, in that order."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self._key = api_key.encode() if api_key else None
+        self._limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._key is not None and is_protected(scope["path"]):
+            token = bearer_token(scope)
+            if token is None or not hmac.compare_digest(token, self._key):
+                detail = ("missing bearer token: send 'Authorization: Bearer <TL_API_KEY>'" if token is None
+                          else "invalid bearer token")
+                challenge = 'Bearer realm="tl"' + ('' if token is None else ', error="invalid_token"')
+                await _answer(send, 401, detail, [(b"www-authenticate", challenge.encode())])
+                return
+        length = _content_length(scope)
+        if length == -1:
+            await _answer(send, 400, "invalid Content-Length header")
+            return
+        if length is not None and length > self._limit:
+            await _answer(send, 413, self._too_large_detail(), close=True)
+            return
+        await self._call_limited(scope, receive, send)
+
+    def _too_large_detail(self) -> str:
+        return f"request body too large: at most {self._limit} bytes (TL_MAX_UPLOAD_BYTES)"
+
+    async def _call_limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._limit:
+                    exceeded = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the route's own answer to the cut-off body is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _answer(send, 413, self._too_large_detail(), close=True)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The declared body length, None when absent, -1 when malformed."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return -1
+            return length if length >= 0 else -1
+    return None
+
+
+async def _answer(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None,
+                  *, close: bool = False) -> None:
+    body = problem_bytes(status, detail)
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the body was never read; the connection cannot be reused
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
