@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import redis
@@ -109,16 +110,29 @@ def local_redis_argv(port: int, workdir: Path) -> list[str]:
 
 # ----- child processes -----
 
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _kill_me_with_parent() -> None:
+    # Runs in the forked child before exec: the kernel SIGKILLs the child when the parent thread that
+    # started it dies, so a killed test run or launcher leaves nothing behind. Only a libc call, resolved
+    # before the fork, so it is safe even though the parent has threads.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Child:
     """One child process in its own process group; its output goes to a sink (labelled lines) or a file."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 cwd: Path = REPO_ROOT) -> None:
+                 cwd: Path = REPO_ROOT, die_with_parent: bool = False) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
-        self.process: subprocess.Popen[str] | None = None
+        self.process: subprocess.Popen[Any] | None = None
         self._pump: threading.Thread | None = None
 
     @property
@@ -128,15 +142,17 @@ class Child:
 
     def start(self, log_file: Path | None = None, sink: Callable[[str, str], None] = say) -> Child:
         """Start it; lines go to `log_file` when given, else to `sink(name, line)`."""
+        preexec = _kill_me_with_parent if self.die_with_parent else None
         if log_file is not None:
             with open(log_file, "ab") as out:
                 self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out,
                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True, text=True)
+                                                start_new_session=True, preexec_fn=preexec)
             return self
         self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, text=True, errors="replace", bufsize=1)
+                                        start_new_session=True, text=True, errors="replace", bufsize=1,
+                                        preexec_fn=preexec)
         self._pump = threading.Thread(target=self._forward, args=(sink,), name=f"pump-{self.name}", daemon=True)
         self._pump.start()
         return self
@@ -176,7 +192,7 @@ def start_local_redis(base_url: str, workdir: Path, log_file: Path | None = None
                       sink: Callable[[str, str], None] = say, timeout: float = 15.0) -> tuple[Child, str]:
     """Start a throwaway Redis on a free port; returns it and `base_url` pointed at it (same DB index)."""
     port = free_port()
-    child = Child("redis", local_redis_argv(port, workdir)).start(log_file=log_file, sink=sink)
+    child = Child("redis", local_redis_argv(port, workdir), die_with_parent=True).start(log_file=log_file, sink=sink)
     url = with_host_port(base_url, "127.0.0.1", port)
     deadline = time.monotonic() + timeout
     while not redis_answers(url, timeout=0.5):
@@ -253,8 +269,10 @@ class Supervisor:
                           "(in memory: jobs are forgotten when it stops, models stay on disk)")
         env = {**os.environ, "TL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         worker_name = f"worker-{os.getpid()}@{socket.gethostname()}"
-        self.children.append(Child("worker", celery_worker_argv(worker_name, log_level), env).start())
-        self.children.append(Child("api", uvicorn_argv(self.host, self.port, log_level), env).start())
+        self.children.append(Child("worker", celery_worker_argv(worker_name, log_level), env,
+                                   die_with_parent=True).start())
+        self.children.append(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
+                                   die_with_parent=True).start())
         for child in self.children:
             say("launch", f"started {child.name} (pid {child.pid})")
 

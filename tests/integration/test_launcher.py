@@ -1,0 +1,129 @@
+"""`make run`'s supervisor as a user runs it: no Redis at TL_REDIS_URL, a job with plain HTTP, Ctrl-C, again."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.launcher import free_port
+
+from .harness import BASELINE_SMALL, cifar10_dir, wait_for, wait_job
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Launcher:
+    """`python -m service.launcher` in the background, its output collected line by line."""
+
+    def __init__(self, env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "-m", "service.launcher"], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            assert self.process.poll() is None or any(re.search(pattern, x) for x in self.lines), self.output()
+            return next((m for line in list(self.lines) if (m := re.search(pattern, line))), None)
+
+        try:
+            return wait_for(found, timeout, what=pattern)
+        except AssertionError:
+            print(self.output())
+            raise
+
+    def child_pids(self) -> list[int]:
+        return [int(m.group(1)) for line in self.lines if (m := re.search(r"started \w+ \(pid (\d+)\)", line))]
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self._reader.join(timeout=5)
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Pids of live (non-zombie) processes whose process group is one of `pgids`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in pgids:
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.fixture
+def launcher_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TL_")}
+    env.update({
+        "TL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there: the bundled Redis starts
+        "TL_PORT": str(free_port()),
+        "TL_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "TL_DATA_DIR": str(cifar10_dir() or tmp_path / "no-data"),
+        "TL_ALLOW_DOWNLOAD": "false",
+    })
+    return env
+
+
+def test_launcher_serves_trains_and_stops_cleanly_twice(launcher_env: dict[str, str]) -> None:
+    port = int(launcher_env["TL_PORT"])
+    base = f"http://127.0.0.1:{port}"
+    for attempt, sig in ((1, signal.SIGTERM), (2, signal.SIGINT)):
+        launcher = Launcher(launcher_env, port)
+        try:
+            launcher.wait_line(r"started the bundled redis-server", timeout=30)
+            docs = launcher.wait_line(r"ready: API docs at (\S+/docs)", timeout=180)
+            assert docs.group(1) == f"{base}/docs"
+            assert httpx.get(docs.group(1), timeout=10).status_code == 200
+            for name in ("redis", "worker", "api"):
+                assert any(line.startswith(f"{name:<6} | ") for line in launcher.lines), name
+            ready = wait_for(lambda: (r := httpx.get(f"{base}/readyz", timeout=10)).json().get("workers", 0) >= 1
+                             and r.json(), timeout=120, what="a worker in /readyz")
+            assert ready["redis"] == "ok"
+            if attempt == 1 and cifar10_dir() is not None:
+                with httpx.Client(base_url=base, timeout=30) as client:
+                    response = client.post("/v1/jobs", json={**BASELINE_SMALL, "train_samples": 100})
+                    assert response.status_code == 202
+                    job = wait_job(client, response.json()["id"], timeout=300)
+                    assert job["status"] == "succeeded", job
+            pids = launcher.child_pids()
+            assert len(pids) == 3
+        except BaseException:
+            print(launcher.output())
+            launcher.stop(signal.SIGKILL)
+            raise
+
+        started = time.monotonic()
+        status = launcher.stop(sig)
+        print(f"run {attempt}: stopped by {signal.Signals(sig).name} in {time.monotonic() - started:.1f} s")
+        assert status == 0, launcher.output()
+        assert group_members(set(pids)) == [], "a child process outlived the launcher"
+        assert "api    | " in launcher.output() and "launch | worker stopped" in launcher.output()
