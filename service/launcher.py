@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -225,6 +226,15 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
+def readyz_workers(url: str) -> int:
+    """The `workers` count of /readyz (0 when it does not answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(json.loads(response.read()).get("workers", 0))
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0
+
+
 # ----- the supervisor -----
 
 class Supervisor:
@@ -278,7 +288,7 @@ class Supervisor:
 
         local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         base = f"http://{local}:{self.port}"
-        ready = False
+        ready = worker_seen = False
         while not self.stopping.wait(0.5):
             dead = [child for child in self.children if not child.running()]
             if dead:
@@ -289,6 +299,9 @@ class Supervisor:
             if not ready and http_status(f"{base}/readyz") == 200:
                 ready = True
                 say("launch", f"ready: API docs at {base}/docs (Ctrl-C stops everything)")
+            elif ready and not worker_seen and (workers := readyz_workers(f"{base}/readyz")) > 0:
+                worker_seen = True
+                say("launch", f"/readyz reports {workers} worker(s): submitted jobs will run")
         say("launch", f"{signal.Signals(self.signalled).name if self.signalled else 'stop'}: stopping")
         return 0
 
