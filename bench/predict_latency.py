@@ -1,0 +1,154 @@
+"""Predict latency and throughput: in-process Keras vs the serving runtime, then HTTP against a real stack.
+
+    .venv/bin/python bench/predict_latency.py [--model-dir artifacts/models/m_...] [--quick]
+
+1. In process, on one transfer model: Keras `model.predict`, a `tf.function` around the model, and the
+   service's serving runtime (LiteRT over the model's `.tflite`): one image p50/p95/p99, and per image in a
+   batch of 64; top-1 agreement of LiteRT with Keras on 64 real test images.
+2. Over HTTP, against a real stack (Redis, a Celery worker, uvicorn; the same processes `make run` starts)
+   serving that model: single-image p50/p95/p99 (multipart PNG and JSON base64), images/s for batches of
+   1, 8 and 64, and throughput with 1, 4 and 16 concurrent clients.
+
+Goals (issue 6): HTTP single-image p50 <= 1/10 of in-process `model.predict` p50; batches of 64 over HTTP
+>= 400 images/s; 16 clients >= 3x one client's throughput. Printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import ensure_model, percentiles, png, print_json, print_table, start_stack, test_images, timed
+
+
+def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    from service.inference import TFLiteRunner
+
+    x, _ = test_images(64, seed=1)
+    batch = x.astype(np.float32)
+    one = batch[:1]
+    model = keras.saving.load_model(str(model_dir / "model.keras"), compile=False)
+    call = tf.function(lambda t: model(t, training=False),
+                       input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+    runner = TFLiteRunner(model_dir / "model.tflite", threads=2)
+
+    results: dict[str, Any] = {}
+    results["keras_predict"] = percentiles(timed(lambda: model.predict(one, verbose=0), max(10, repeat // 4)))
+    results["tf_function"] = percentiles(timed(lambda: call(tf.constant(one)).numpy(), repeat))
+    results["litert"] = percentiles(timed(lambda: runner.predict(one), repeat))
+    per_batch = {
+        "keras_predict": timed(lambda: model.predict(batch, verbose=0), 5),
+        "tf_function": timed(lambda: call(tf.constant(batch)).numpy(), 5),
+        "litert": timed(lambda: runner.predict(batch), 5),
+    }
+    for name, samples in per_batch.items():
+        results[name]["batch64_per_image_ms"] = float(np.median(samples)) * 1000 / len(batch)
+    keras_top1 = np.asarray(call(tf.constant(batch))).argmax(1)
+    lite_probs = runner.predict(batch)
+    results["litert_top1_agreement"] = float((lite_probs.argmax(1) == keras_top1).mean())
+    results["litert_max_prob_diff"] = float(np.abs(lite_probs - np.asarray(call(tf.constant(batch)))).max())
+    return results
+
+
+def http(base_url: str, headers: dict[str, str], repeat: int) -> dict[str, Any]:
+    import httpx
+
+    x, _ = test_images(64, seed=2)
+    files = [png(image) for image in x]
+    results: dict[str, Any] = {}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
+        def multipart(n: int) -> None:
+            parts = [("file", (f"{i}.png", files[i % len(files)], "image/png")) for i in range(n)]
+            response = client.post("/v1/models/latest/predict", files=parts)
+            response.raise_for_status()
+
+        body = {"instances": [{"b64": base64.b64encode(files[0]).decode()}]}
+
+        def json_b64() -> None:
+            client.post("/v1/models/latest/predict", json=body).raise_for_status()
+
+        results["single_multipart"] = percentiles(timed(lambda: multipart(1), repeat, warmup=5))
+        results["single_json_b64"] = percentiles(timed(json_b64, max(20, repeat // 2)))
+        for n, reps in ((1, 40), (8, 20), (64, 10)):
+            samples = timed(lambda n=n: multipart(n), reps)
+            results[f"batch{n}_images_per_s"] = n * len(samples) / sum(samples)
+
+    def clients(count: int, per_client: int) -> float:
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            with httpx.Client(base_url=base_url, headers=headers, timeout=60) as c:
+                for i in range(per_client):
+                    try:
+                        r = c.post("/v1/models/latest/predict",
+                                   files=[("file", ("x.png", files[i % len(files)], "image/png"))])
+                        r.raise_for_status()
+                    except BaseException as exc:  # counted and reported below
+                        errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(count)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise RuntimeError(f"{len(errors)} errors with {count} clients, first: {errors[0]!r}")
+        return count * per_client / elapsed
+
+    total = max(64, repeat)
+    for count in (1, 4, 16):
+        results[f"clients{count}_requests_per_s"] = clients(count, max(4, total // count))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", help="a model directory with model.keras and model.tflite (else one is trained)")
+    parser.add_argument("--repeat", type=int, default=200, help="requests per single-image measurement")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    args = parser.parse_args()
+    repeat = 30 if args.quick else args.repeat
+
+    with tempfile.TemporaryDirectory(prefix="tl-bench-") as tmp:
+        model_dir = ensure_model(args.model_dir, Path(tmp))
+        local = in_process(model_dir, repeat)
+        stack = start_stack([model_dir])
+        try:
+            from tests.integration.harness import API_KEY
+
+            remote = http(stack.base_url, {"Authorization": f"Bearer {API_KEY}"}, repeat)
+        finally:
+            stack.stop()
+
+    rows = [[name, local[name]["p50_ms"], local[name]["p95_ms"], local[name]["p99_ms"],
+             local[name]["batch64_per_image_ms"]] for name in ("keras_predict", "tf_function", "litert")]
+    print_table("in process, one transfer model (ms)", ["way", "p50", "p95", "p99", "per image in batch 64"], rows)
+    print(f"LiteRT vs Keras on 64 test images: top-1 agreement {local['litert_top1_agreement']:.3f}, "
+          f"max |prob diff| {local['litert_max_prob_diff']:.2e}")
+    rows = [[name, remote[name]["p50_ms"], remote[name]["p95_ms"], remote[name]["p99_ms"]]
+            for name in ("single_multipart", "single_json_b64")]
+    print_table("HTTP single image (ms)", ["body", "p50", "p95", "p99"], rows)
+    rows = [[k, v] for k, v in remote.items() if k.endswith("_per_s")]
+    print_table("HTTP throughput", ["what", "per second"], rows)
+    ratio = remote["single_multipart"]["p50_ms"] / local["keras_predict"]["p50_ms"]
+    scaling = remote["clients16_requests_per_s"] / remote["clients1_requests_per_s"]
+    print(f"\nHTTP p50 / model.predict p50 = {ratio:.3f} (goal <= 0.1); batch 64: "
+          f"{remote['batch64_images_per_s']:.0f} images/s (goal >= 400); 16 clients / 1 client = {scaling:.2f}x "
+          "(goal >= 3x)")
+    print_json("predict_latency", {"in_process": local, "http": remote, "http_p50_over_predict_p50": ratio,
+                                   "clients16_over_clients1": scaling})
+
+
+if __name__ == "__main__":
+    main()
