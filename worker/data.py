@@ -1,0 +1,252 @@
+"""CIFAR-10 for training: where it is found, what exactly was read, and the seeded subsets.
+
+Sources, in order (the first that exists wins):
+1. `TL_DATA_DIR/cifar10/train.npz` + `test.npz` (arrays `x` uint8 Nx32x32x3 RGB, `y` uint8);
+2. the official python archive, `cifar-10-python.tar.gz`, in `TL_DATA_DIR` or `TL_DATA_DIR/cifar10`;
+3. its extracted folder `cifar-10-batches-py/`, in the same places or in Keras' own cache (`~/.keras/datasets`);
+4. `keras.datasets.cifar10.load_data()` (downloads), only when `TL_ALLOW_DOWNLOAD` is true.
+
+No TensorFlow here, except inside the Keras download of source 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import socket
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.config import Settings
+from worker.errors import DataNotFound, InvalidSpec
+
+log = logging.getLogger(__name__)
+
+NPZ_DIR = "cifar10"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+DOWNLOAD_TIMEOUT_S = 60.0
+
+_sha_lock = threading.Lock()
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process per (path, size, mtime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _sha_lock:
+        cached = _sha_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * 1024 * 1024), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _sha_lock:
+        _sha_cache[key] = value
+    return value
+
+
+def array_sha256(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+@dataclass
+class Split:
+    """One split of the dataset as read: images, labels and the identity of what they were read from."""
+
+    name: str
+    x: np.ndarray  # uint8 (N, 32, 32, 3) RGB
+    y: np.ndarray  # int64 (N,)
+    identity: str  # sha256 of the source file (or of the arrays), used in feature-cache keys
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    source: dict[str, Any] = field(default_factory=dict)  # recorded in metadata.json
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A seeded random subset of one split (indices into the split, in drawing order sorted ascending)."""
+
+    split: str
+    indices: np.ndarray
+
+    @property
+    def indices_sha256(self) -> str:
+        return hashlib.sha256(self.indices.astype("<i8").tobytes()).hexdigest()
+
+
+def subset_indices(split_size: int, count: int, seed: int, stream: int) -> np.ndarray:
+    """`count` distinct indices of `range(split_size)`, a pure function of (split_size, count, seed, stream)."""
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.choice(split_size, size=count, replace=False)).astype(np.int64)
+
+
+TRAIN_STREAM, TEST_STREAM = 0, 1
+
+
+def draw_subsets(dataset: Dataset, train_samples: int, test_samples: int, seed: int) -> tuple[Subset, Subset]:
+    """The job's train and test subsets; asking for more images than a split holds is an InvalidSpec."""
+    for split, wanted, field_name in ((dataset.train, train_samples, "train_samples"),
+                                      (dataset.test, test_samples, "test_samples")):
+        if wanted > len(split):
+            where = dataset.source.get(split.name, {}).get("path", dataset.source.get("kind", "the dataset"))
+            raise InvalidSpec(
+                f"{field_name}={wanted} but the CIFAR-10 {split.name} split found at {where} holds only "
+                f"{len(split)} images; ask for at most {len(split)} (subsets are drawn without replacement)"
+            )
+    return (Subset("train", subset_indices(len(dataset.train), train_samples, seed, TRAIN_STREAM)),
+            Subset("test", subset_indices(len(dataset.test), test_samples, seed, TEST_STREAM)))
+
+
+# ----- sources -----
+
+def _npz_split(name: str, path: Path) -> Split:
+    with np.load(path, allow_pickle=False) as data:
+        if "x" not in data or "y" not in data:
+            raise DataNotFound(f"{path} has no arrays 'x' and 'y'; expected x uint8 Nx32x32x3 and y uint8 (N,)")
+        x, y = data["x"], data["y"]
+    _check_arrays(path, x, y)
+    return Split(name, x, y.astype(np.int64).reshape(-1), file_sha256(path))
+
+
+def _check_arrays(where: Path | str, x: np.ndarray, y: np.ndarray) -> None:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
+        raise DataNotFound(
+            f"{where}: expected x uint8 (N, 32, 32, 3) and y of length N, found x {x.dtype} {x.shape} "
+            f"and y {y.shape}"
+        )
+
+
+def _unpickle_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = pickle.loads(raw, encoding="bytes")  # the official CIFAR-10 python format is a pickle
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    _check_arrays(where, x, labels)
+    return np.ascontiguousarray(x), labels
+
+
+def _batches_dataset(folder: Path) -> Dataset:
+    splits = {}
+    for name, batch_names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
+        xs, ys, digest = [], [], hashlib.sha256()
+        for batch_name in batch_names:
+            path = folder / batch_name
+            digest.update(file_sha256(path).encode())
+            x, y = _unpickle_batch(path.read_bytes(), str(path))
+            xs.append(x)
+            ys.append(y)
+        splits[name] = Split(name, np.concatenate(xs), np.concatenate(ys), digest.hexdigest())
+    source = {"kind": "cifar-10-batches-py", "path": str(folder),
+              "train": {"path": str(folder), "sha256": splits["train"].identity},
+              "test": {"path": str(folder / TEST_BATCH), "sha256": splits["test"].identity}}
+    return Dataset(splits["train"], splits["test"], source)
+
+
+def _archive_dataset(archive: Path) -> Dataset:
+    wanted = {f"{BATCHES_DIR}/{name}": name for name in (*TRAIN_BATCHES, TEST_BATCH)}
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            name = wanted.get(member.name)
+            if name is None or not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            if handle is not None:
+                found[name] = _unpickle_batch(handle.read(), f"{archive}:{member.name}")
+    missing = sorted(set(wanted.values()) - set(found))
+    if missing:
+        raise DataNotFound(f"{archive} lacks {', '.join(missing)}; it is not the official cifar-10-python.tar.gz")
+    sha = file_sha256(archive)
+    train = Split("train", np.concatenate([found[n][0] for n in TRAIN_BATCHES]),
+                  np.concatenate([found[n][1] for n in TRAIN_BATCHES]), f"{sha}:train")
+    test = Split("test", found[TEST_BATCH][0], found[TEST_BATCH][1], f"{sha}:test")
+    entry = {"path": str(archive), "sha256": sha}
+    return Dataset(train, test, {"kind": "cifar-10-python.tar.gz", "path": str(archive), "train": entry,
+                                 "test": entry})
+
+
+def _keras_cache_dirs() -> list[Path]:
+    # keras.datasets keeps its downloads under ~/.keras/datasets; Keras 3 extracts archives into "<name>_extracted/".
+    datasets = Path.home() / ".keras" / "datasets"
+    return [datasets / BATCHES_DIR, datasets / f"{BATCHES_DIR}_extracted" / BATCHES_DIR]
+
+
+def _keras_download() -> Dataset:
+    from keras.datasets import cifar10
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # no network must mean an error, not a hang
+    try:
+        (x_train, y_train), (x_test, y_test) = cifar10.load_data()
+    finally:
+        socket.setdefaulttimeout(previous)
+    train = Split("train", x_train, y_train.astype(np.int64).reshape(-1), array_sha256(x_train, y_train))
+    test = Split("test", x_test, y_test.astype(np.int64).reshape(-1), array_sha256(x_test, y_test))
+    return Dataset(train, test, {"kind": "keras.datasets", "train": {"sha256": train.identity},
+                                 "test": {"sha256": test.identity}})
+
+
+def load_cifar10(settings: Settings) -> Dataset:
+    """The whole CIFAR-10 dataset from the first source that exists; DataNotFound names every place looked."""
+    data_dir = Path(settings.data_dir).expanduser()
+    looked: list[str] = []
+
+    npz_dir = data_dir / NPZ_DIR
+    train_npz, test_npz = npz_dir / "train.npz", npz_dir / "test.npz"
+    looked.append(f"{train_npz} + {test_npz}")
+    if train_npz.is_file() and test_npz.is_file():
+        train, test = _npz_split("train", train_npz), _npz_split("test", test_npz)
+        source = {"kind": "npz", "train": {"path": str(train_npz), "sha256": train.identity},
+                  "test": {"path": str(test_npz), "sha256": test.identity}}
+        return Dataset(train, test, source)
+
+    for folder in (data_dir, npz_dir):
+        archive = folder / ARCHIVE_NAME
+        looked.append(str(archive))
+        if archive.is_file():
+            return _archive_dataset(archive)
+    for folder in (data_dir / BATCHES_DIR, npz_dir / BATCHES_DIR, *_keras_cache_dirs()):
+        looked.append(f"{folder}/")
+        if (folder / TEST_BATCH).is_file():
+            return _batches_dataset(folder)
+
+    hint = (f"put train.npz and test.npz (arrays x uint8 Nx32x32x3 RGB, y uint8) in {npz_dir}/, or the official "
+            f"{ARCHIVE_NAME} in {data_dir}/ (TL_DATA_DIR)")
+    if not settings.allow_download:
+        looked.append("keras.datasets.cifar10 download: skipped, TL_ALLOW_DOWNLOAD is false")
+        raise DataNotFound(f"CIFAR-10 not found; looked in: {'; '.join(looked)}. {hint}")
+    try:
+        log.info("CIFAR-10 not found locally; downloading it through keras.datasets.cifar10")
+        return _keras_download()
+    except Exception as exc:  # any download failure (no network, proxy, bad archive) becomes one clear error
+        looked.append(f"keras.datasets.cifar10 download: failed ({type(exc).__name__}: {exc})")
+        raise DataNotFound(f"CIFAR-10 not found; looked in: {'; '.join(looked)}. {hint}") from exc
+
+
+def take(split: Split, subset: Subset) -> tuple[np.ndarray, np.ndarray]:
+    """The subset's images (uint8) and labels (int64)."""
+    return split.x[subset.indices], split.y[subset.indices]

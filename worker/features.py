@@ -1,0 +1,171 @@
+"""The frozen-base fast path's features: computed once per image in large batches, cached on disk.
+
+While the base is frozen, `base(preprocess(resize(x)))` never changes for an image, so the engine runs it once
+and trains the head on the result. The cache lives in `TL_ARTIFACT_DIR/feature-cache/`, one `.npy` file per
+(split, subset), keyed by everything that determines the features: the data file's sha256, the subset indices'
+sha256, image size, alpha, the weights file's sha256 and the Keras version. Files are written to a temporary name
+and `os.replace`d into place (readers never see a partial file; two workers racing write the same bytes). The
+total size is bounded by `TL_FEATURE_CACHE_MAX_BYTES`: least recently used files (by mtime, refreshed on every
+hit) are evicted first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".npy"
+EXTRACT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    split: str
+    data_identity: str
+    indices_sha256: str
+    count: int
+    image_size: int
+    alpha: float
+    weights_sha256: str
+    keras_version: str
+
+    def digest(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:40]
+
+    def file_name(self) -> str:
+        return f"{self.split}-{self.count}-{self.image_size}-{self.alpha}-{self.digest()}{SUFFIX}"
+
+
+class FeatureCache:
+    """A bounded directory of feature arrays; `max_bytes == 0` disables it."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = int(max_bytes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def path(self, key: FeatureKey) -> Path:
+        return self.directory / key.file_name()
+
+    def load(self, key: FeatureKey) -> np.ndarray | None:
+        """The cached features, or None (absent, unreadable or of the wrong length)."""
+        if not self.enabled:
+            return None
+        path = self.path(key)
+        try:
+            features = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # truncated by a crash of an older version, disk error: recompute
+            log.warning("ignoring unreadable feature cache file %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        if features.shape[0] != key.count:
+            log.warning("ignoring feature cache file %s: %d rows, expected %d", path, features.shape[0], key.count)
+            return None
+        try:
+            os.utime(path)  # mark as recently used: eviction goes by mtime
+        except OSError:
+            pass
+        return features
+
+    def store(self, key: FeatureKey, features: np.ndarray) -> bool:
+        """Write atomically, then evict the oldest files beyond the bound; False when not kept."""
+        if not self.enabled or features.nbytes > self.max_bytes:
+            return False
+        path = self.path(key)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, features, allow_pickle=False)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:  # the cache is an optimisation: a full disk must not fail the job
+            log.warning("could not write feature cache file %s: %s", path, exc)
+            return False
+        self.evict(keep=path)
+        return path.exists()
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every cache file, oldest first."""
+        out = []
+        try:
+            for entry in os.scandir(self.directory):
+                if entry.is_file() and entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+        except FileNotFoundError:
+            return []
+        out.sort()
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove the oldest files until the total fits in `max_bytes` (never `keep`)."""
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            if keep is not None and path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed.append(path)
+            log.info("feature cache: evicted %s (%d bytes)", path.name, size)
+        return removed
+
+
+def extract_features(
+    extractor: object,
+    images: np.ndarray,
+    *,
+    batch_size: int = EXTRACT_BATCH,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Run `extractor` (a Keras model: raw images -> base features) over uint8 images in large batches.
+
+    `on_batch(done, total)` is called after every batch (progress and the cancel check; it may raise).
+    """
+    import tensorflow as tf
+
+    model = extractor
+
+    @tf.function(reduce_retracing=True)
+    def run(batch: tf.Tensor) -> tf.Tensor:
+        return model(tf.cast(batch, tf.float32), training=False)  # type: ignore[operator]
+
+    total = int(images.shape[0])
+    out: np.ndarray | None = None
+    for start in range(0, total, batch_size):
+        chunk = run(tf.constant(images[start:start + batch_size])).numpy()
+        if out is None:
+            out = np.empty((total, *chunk.shape[1:]), dtype=np.float32)
+        out[start:start + chunk.shape[0]] = chunk
+        if on_batch is not None:
+            on_batch(min(start + batch_size, total), total)
+    assert out is not None, "no images to extract features from"
+    return out
