@@ -24,7 +24,7 @@ import numpy as np
 from worker.artifacts import CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
 from worker.config import Settings
 from worker.data import Dataset, Subset, draw_subsets, load_cifar10, take
-from worker.errors import JobCancelled
+from worker.errors import ArtifactWriteError, JobCancelled
 from worker.jobs import EpochRecord, Metrics, new_model_id, utc_now
 from worker.runtime import RuntimeInfo, configure_tensorflow
 from worker.spec import CLASS_NAMES, JobCreate
@@ -313,16 +313,13 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     progress.enter("saving")
     store = ModelStore(settings.artifact_dir)
     with store.staging(model_id) as staging:
-        from worker.export import export_tflite, save_keras
-        from worker.plots import plot_curves
-
-        save_keras(outcome.model, staging)
-        progress.within(0.2)
-        export = export_tflite(outcome.model, x_test, outcome.test_probs, staging)
-        progress.within(0.8)
-        plot_curves(outcome.history, spec.model, test_accuracy, staging / CURVES_FILE,
-                    fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
-        progress.within(0.9)
+        try:
+            export = _write_model_files(outcome, spec, staging, test_accuracy, x_test, progress)
+        except OSError as exc:
+            raise ArtifactWriteError(
+                f"cannot write the model files of {model_id} under {store.models_dir}: {exc}; check free space "
+                "and permissions of TL_ARTIFACT_DIR"
+            ) from exc
         metrics = Metrics(
             train_accuracy=outcome.history[-1].accuracy,
             test_accuracy=test_accuracy,
@@ -334,13 +331,33 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
         )
         metadata = _metadata(spec, model_id, job_id, metrics, params, outcome, dataset, train_subset, test_subset,
                              weights, runtime, progress.timings_so_far(), export)
-        write_json_atomic(staging / METADATA_FILE, metadata)
+        try:
+            write_json_atomic(staging / METADATA_FILE, metadata)
+        except OSError as exc:
+            raise ArtifactWriteError(f"cannot write {METADATA_FILE} of {model_id} under {store.models_dir}: {exc}; "
+                                     "check free space and permissions of TL_ARTIFACT_DIR") from exc
         progress.check_cancel()  # last chance: a cancel seen here still leaves nothing behind
         model_dir = store.publish(staging, model_id)
     progress.finish()
     log.info("model %s written to %s: test accuracy %.4f in %.1f s", model_id, model_dir, test_accuracy,
              metrics.train_seconds)
     return TrainResult(model_id=model_id, model_dir=model_dir, metrics=metrics, metadata=metadata)
+
+
+def _write_model_files(outcome: _Outcome, spec: JobCreate, staging: Path, test_accuracy: float,
+                       x_test: np.ndarray, progress: _Progress) -> dict[str, Any]:
+    """model.keras, model.tflite (when its check passes) and curves.png; returns the export record."""
+    from worker.export import export_tflite, save_keras
+    from worker.plots import plot_curves
+
+    save_keras(outcome.model, staging)
+    progress.within(0.2)
+    export = export_tflite(outcome.model, x_test, outcome.test_probs, staging)
+    progress.within(0.8)
+    plot_curves(outcome.history, spec.model, test_accuracy, staging / CURVES_FILE,
+                fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
+    progress.within(0.9)
+    return export
 
 
 def _train_baseline(spec: JobCreate, progress: _Progress, x_train: np.ndarray, y_train: np.ndarray,

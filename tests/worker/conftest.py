@@ -1,0 +1,95 @@
+"""Fixtures for the training engine's tests: settings pointing at the shared real data and weights.
+
+TL_DATA_DIR / TL_WEIGHTS_DIR win when set; otherwise `../shared` next to the repository (as in CI). Each test
+gets its own artifact directory. Tests that need the real files are marked `realdata` and skip cleanly when the
+files are absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.config import Settings
+from worker.jobs import EpochRecord
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+
+
+def _shared_settings() -> Settings:
+    settings = Settings()
+    update: dict[str, object] = {}
+    if not (settings.data_dir / "cifar10" / "train.npz").is_file():
+        update["data_dir"] = SHARED / "data"
+    if settings.weights_dir is None:
+        update["weights_dir"] = SHARED / "weights"
+    return settings.model_copy(update=update)
+
+
+def real_files_present(settings: Settings) -> bool:
+    weights = settings.weights_dir
+    return (settings.data_dir / "cifar10" / "train.npz").is_file() and weights is not None and any(
+        weights.glob("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_*_no_top.h5"))
+
+
+@pytest.fixture(scope="session")
+def shared_settings() -> Settings:
+    settings = _shared_settings()
+    if not real_files_present(settings):
+        pytest.skip(f"real CIFAR-10 / MobileNetV2 files not found under {settings.data_dir} / {settings.weights_dir}")
+    return settings.model_copy(update={"allow_download": False})
+
+
+@pytest.fixture
+def settings(shared_settings: Settings, tmp_path: Path) -> Settings:
+    """Real data and weights, a fresh artifact directory, no downloads."""
+    return shared_settings.model_copy(update={"artifact_dir": tmp_path / "artifacts"})
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty HOME, so Keras' own caches (~/.keras/datasets, ~/.keras/models) hold nothing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    yield home
+
+
+class RecordingReporter:
+    """A reporter that records everything and asks to cancel after `cancel_after` cancel checks."""
+
+    def __init__(self, cancel_after: int | None = None, cancel_in_stage: str | None = None) -> None:
+        self.stages: list[str] = []
+        self.fractions: list[float] = []
+        self.epochs: list[EpochRecord] = []
+        self.checks = 0
+        self.checks_in_stage: dict[str, int] = {}
+        self.cancel_after = cancel_after
+        self.cancel_in_stage = cancel_in_stage
+
+    def stage(self, stage: str) -> None:
+        self.stages.append(stage)
+
+    def progress(self, fraction: float) -> None:
+        self.fractions.append(fraction)
+
+    def epoch_end(self, record: EpochRecord) -> None:
+        self.epochs.append(record)
+
+    def cancel_requested(self) -> bool:
+        self.checks += 1
+        stage = self.stages[-1] if self.stages else ""
+        self.checks_in_stage[stage] = self.checks_in_stage.get(stage, 0) + 1
+        if self.cancel_after is None:
+            return False
+        if self.cancel_in_stage is not None:
+            return stage == self.cancel_in_stage and self.checks_in_stage[stage] > self.cancel_after
+        return self.checks > self.cancel_after
+
+
+@pytest.fixture
+def recording_reporter() -> type[RecordingReporter]:
+    return RecordingReporter
