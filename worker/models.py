@@ -12,6 +12,7 @@ and on cached features (`build_head`), so weights move between the two by layer 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,8 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
-    trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
-    non_trainable = sum(int(w.numpy().size) for w in model.non_trainable_weights)
+    trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+    non_trainable = sum(math.prod(w.shape) for w in model.non_trainable_weights)
     return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
 
 

@@ -90,6 +90,7 @@ class RecordingReporter:
         return self.checks > self.cancel_after
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def recording_reporter() -> type[RecordingReporter]:
+    """The RecordingReporter class (tests/ is not a package, so tests get it through this fixture)."""
     return RecordingReporter

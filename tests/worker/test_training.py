@@ -1,0 +1,219 @@
+"""train_job end to end on real CIFAR-10 and MobileNetV2 weights, at small sizes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+from worker.artifacts import CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
+from worker.config import Settings
+from worker.data import draw_subsets, load_cifar10, take
+from worker.errors import ArtifactWriteError, JobCancelled
+from worker.export import tflite_predict
+from worker.spec import CLASS_NAMES, JobCreate
+from worker.training import TrainResult, train_job
+
+pytestmark = pytest.mark.realdata
+
+REQUIRED_METADATA = {"id", "name", "kind", "job_id", "created_at", "classes", "input_shape", "spec", "metrics",
+                     "history", "params", "data", "weights", "versions", "timings", "export"}
+
+
+def _test_subset(settings: Settings, spec: JobCreate) -> tuple[np.ndarray, np.ndarray]:
+    dataset = load_cifar10(settings)
+    _, test_subset = draw_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
+    return take(dataset.test, test_subset)
+
+
+def _model_entries(settings: Settings) -> list[str]:
+    """Everything under models/ except an empty staging folder."""
+    models = settings.artifact_dir / "models"
+    if not models.exists():
+        return []
+    entries = [p.name for p in models.iterdir() if p.name != ".staging"]
+    staging = models / ".staging"
+    if staging.exists():
+        entries += [f".staging/{p.name}" for p in staging.iterdir()]
+    return entries
+
+
+@pytest.fixture(scope="module")
+def module_settings(shared_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return shared_settings.model_copy(update={"artifact_dir": tmp_path_factory.mktemp("artifacts")})
+
+
+BASELINE = JobCreate(model="baseline", train_samples=400, test_samples=200, epochs=2, seed=7, name="tiny-cnn")
+TRANSFER = JobCreate(model="transfer", train_samples=300, test_samples=200, epochs=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(module_settings: Settings, recording_reporter: Any) -> tuple[TrainResult, Any]:
+    reporter = recording_reporter()
+    return train_job(BASELINE, module_settings, reporter, job_id="j_test_baseline"), reporter
+
+
+@pytest.fixture(scope="module")
+def transfer_run(module_settings: Settings, recording_reporter: Any) -> tuple[TrainResult, Any]:
+    reporter = recording_reporter()
+    return train_job(TRANSFER, module_settings, reporter, job_id="j_test_transfer"), reporter
+
+
+@pytest.mark.parametrize("run", ["baseline_run", "transfer_run"])
+def test_a_job_writes_a_complete_model_directory(run: str, request: pytest.FixtureRequest,
+                                                 module_settings: Settings) -> None:
+    result, _ = request.getfixturevalue(run)
+    files = {p.name for p in result.model_dir.iterdir()}
+    assert files == {KERAS_FILE, TFLITE_FILE, METADATA_FILE, CURVES_FILE}
+    assert (result.model_dir / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metadata = json.loads((result.model_dir / METADATA_FILE).read_text())
+    assert REQUIRED_METADATA <= set(metadata)
+    assert metadata["id"] == result.model_id and metadata["classes"] == list(CLASS_NAMES)
+    assert metadata["created_at"].endswith("Z") and metadata["input_shape"] == [32, 32, 3]
+    assert metadata["metrics"] == result.metrics.model_dump(mode="json")
+    assert metadata["data"]["source"]["train"]["sha256"] and metadata["data"]["seed"] == 7
+    assert metadata["versions"]["tensorflow"] and metadata["versions"]["keras"]
+    assert metadata["export"]["passed"] is True and metadata["export"]["file"] == TFLITE_FILE
+    info = ModelStore(module_settings.artifact_dir).info(result.model_id)
+    assert info is not None and info.kind == metadata["kind"] and info.job_id == metadata["job_id"]
+
+
+def test_baseline_metadata_and_progress(baseline_run: tuple[TrainResult, Any]) -> None:
+    result, reporter = baseline_run
+    assert result.metadata["kind"] == "baseline" and result.metadata["name"] == "tiny-cnn"
+    assert result.metadata["weights"] is None
+    assert result.metadata["spec"] == BASELINE.public()
+    assert result.metrics.params_total == 93482
+    assert reporter.stages == ["loading_data", "training", "evaluating", "saving"]
+    assert [r.epoch for r in reporter.epochs] == [1, 2]
+    assert reporter.fractions == sorted(reporter.fractions) and reporter.fractions[-1] == 1.0
+    # consulted at least once per training batch: 2 epochs of ceil(400 / 32) batches, plus validation batches
+    assert reporter.checks_in_stage["training"] >= 2 * 13
+
+
+def test_transfer_metadata_records_weights_and_cache(transfer_run: tuple[TrainResult, Any]) -> None:
+    result, reporter = transfer_run
+    metadata = result.metadata
+    assert metadata["kind"] == "transfer"
+    assert metadata["weights"]["file_name"] == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+    assert len(metadata["weights"]["sha256"]) == 64 and metadata["weights"]["size"] == 96
+    assert (result.metrics.params_total, result.metrics.params_trainable, result.metrics.params_non_trainable) == (
+        3741578, 1483594, 2257984)
+    assert metadata["training"]["feature_cache"] == {"train": "miss", "test": "miss"}
+    assert reporter.stages == ["loading_data", "extracting_features", "training", "evaluating", "saving"]
+    assert set(metadata["timings"]) == set(reporter.stages)
+
+
+@pytest.mark.parametrize("run", ["baseline_run", "transfer_run"])
+def test_saved_model_loads_in_safe_mode_and_reproduces_the_metrics(
+        run: str, request: pytest.FixtureRequest, module_settings: Settings) -> None:
+    """The reloaded model on the job's test images gives the accuracy and loss the job reported.
+
+    For the transfer job the reported numbers came from the head on cached features, so this also shows the
+    fast path's evaluation equals the saved full model's on the images.
+    """
+    result, _ = request.getfixturevalue(run)
+    spec = BASELINE if run == "baseline_run" else TRANSFER
+    x_test, y_test = _test_subset(module_settings, spec)
+    model = keras.models.load_model(result.model_dir / KERAS_FILE, safe_mode=True)
+    probs = model.predict(x_test.astype("float32"), verbose=0)
+    accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
+    loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y_test, probs)))
+    assert accuracy == pytest.approx(result.metrics.test_accuracy, abs=1e-9)
+    assert loss == pytest.approx(result.metrics.test_loss, abs=1e-4)
+
+
+@pytest.mark.parametrize("run", ["baseline_run", "transfer_run"])
+def test_tflite_export_agrees_with_the_keras_model(run: str, request: pytest.FixtureRequest,
+                                                   module_settings: Settings) -> None:
+    result, _ = request.getfixturevalue(run)
+    spec = BASELINE if run == "baseline_run" else TRANSFER
+    x_test, _ = _test_subset(module_settings, spec)
+    keras_probs = keras.models.load_model(result.model_dir / KERAS_FILE).predict(x_test.astype("float32"),
+                                                                                verbose=0)
+    lite_probs = tflite_predict((result.model_dir / TFLITE_FILE).read_bytes(), x_test, batch_size=64)
+    assert lite_probs.shape == (len(x_test), 10)
+    assert np.mean(lite_probs.argmax(1) == keras_probs.argmax(1)) >= 0.999
+    assert np.max(np.abs(lite_probs - keras_probs)) <= 1e-3
+
+
+def test_second_transfer_job_hits_the_feature_cache_and_agrees(
+        recording_reporter: Any, transfer_run: tuple[TrainResult, Any], module_settings: Settings) -> None:
+    first, _ = transfer_run
+    reporter = recording_reporter()
+    second = train_job(TRANSFER, module_settings, reporter)
+    assert "extracting_features" not in reporter.stages
+    assert second.metadata["training"]["feature_cache"] == {"train": "hit", "test": "hit"}
+    # Same seed and spec on the CPU with deterministic ops: the same model, to the last digit.
+    assert second.metrics.test_accuracy == first.metrics.test_accuracy
+    assert [r.val_loss for r in reporter.epochs] == [h["val_loss"] for h in first.metadata["history"]]
+
+
+def test_cancel_during_training_keeps_no_model(recording_reporter: Any, settings: Settings) -> None:
+    reporter = recording_reporter(cancel_after=3, cancel_in_stage="training")
+    with pytest.raises(JobCancelled):
+        train_job(BASELINE.model_copy(update={"epochs": 5}), settings, reporter)
+    assert reporter.checks_in_stage["training"] == 4  # stopped at the first check that said yes
+    assert reporter.epochs == []
+    assert _model_entries(settings) == []
+
+
+def test_cancel_during_feature_extraction_keeps_no_model_and_no_cache(recording_reporter: Any,
+                                                                     settings: Settings) -> None:
+    reporter = recording_reporter(cancel_after=1, cancel_in_stage="extracting_features")
+    spec = TRANSFER.model_copy(update={"train_samples": 600})
+    with pytest.raises(JobCancelled):
+        train_job(spec, settings, reporter)
+    assert reporter.stages[-1] == "extracting_features"
+    assert _model_entries(settings) == []
+    assert not list(settings.feature_cache_dir.glob("*.npy")) if settings.feature_cache_dir.exists() else True
+
+
+def test_cancel_seen_while_saving_leaves_nothing(recording_reporter: Any, settings: Settings) -> None:
+    reporter = recording_reporter(cancel_after=0, cancel_in_stage="saving")
+    with pytest.raises(JobCancelled):
+        train_job(BASELINE.model_copy(update={"epochs": 1}), settings, reporter)
+    assert _model_entries(settings) == []
+
+
+def test_a_write_failure_while_saving_leaves_nothing(recording_reporter: Any, settings: Settings,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.plots
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:  # fault injection: the last file cannot be written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker.plots, "plot_curves", disk_full)
+    with pytest.raises(ArtifactWriteError, match="No space left on device.*TL_ARTIFACT_DIR"):
+        train_job(BASELINE.model_copy(update={"epochs": 1}), settings, recording_reporter())
+    assert _model_entries(settings) == []
+
+
+def test_fine_tuning_continues_epochs_and_keeps_batch_norm_frozen(recording_reporter: Any,
+                                                                  settings: Settings) -> None:
+    spec = JobCreate(model="transfer", train_samples=200, test_samples=100, epochs=1, image_size=32,
+                     fine_tune_layers=12, fine_tune_epochs=2, fine_tune_learning_rate=1e-3, seed=3)
+    reporter = recording_reporter()
+    result = train_job(spec, settings, reporter)
+    assert reporter.stages == ["loading_data", "extracting_features", "training", "fine_tuning", "evaluating",
+                               "saving"]
+    assert [r["epoch"] for r in result.metadata["history"]] == [1, 2, 3]
+    assert result.metrics.params_trainable > 1280 * 128 + 128 * 64 + 64 * 10  # the head plus unfrozen layers
+
+    saved = keras.models.load_model(result.model_dir / KERAS_FILE, safe_mode=True)
+    weights_path = result.metadata["weights"]["path"]
+    fresh = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=weights_path)
+    base = next(layer for layer in saved.layers if isinstance(layer, keras.Model))
+    changed = []
+    for layer, original in zip(base.layers, fresh.layers, strict=True):
+        if not layer.weights:
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), original.get_weights(), strict=True))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert same, f"{layer.name}: BatchNormalization weights or statistics moved"
+        elif not same:
+            changed.append(layer.name)
+    assert changed and set(changed) <= {layer.name for layer in base.layers[-12:]}
