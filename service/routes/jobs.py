@@ -54,7 +54,9 @@ def _location(job_id: str) -> str:
 
 
 def _send_task(celery: Celery, job_id: str) -> None:
-    celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id, queue=TRAINING_QUEUE,
+    # ignore_result: the job record is where outcomes live; subscribing to Celery's result backend would
+    # also make a send to an unreachable Redis hang for ~20 s in the backend's reconnect loop.
+    celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id, queue=TRAINING_QUEUE, ignore_result=True,
                      retry=True, retry_policy=ENQUEUE_RETRY_POLICY)
 
 
