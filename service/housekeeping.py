@@ -37,10 +37,14 @@ async def reap_lost_jobs(store: AsyncJobStore, lost_seconds: float) -> list[str]
     return reaped
 
 
-async def run_reaper(store: AsyncJobStore, lost_seconds: float, interval: float) -> None:
-    """`reap_lost_jobs` every `interval` seconds until cancelled; errors are logged, never fatal."""
+async def run_reaper(store: AsyncJobStore, lost_seconds: float, interval: float, stop: asyncio.Event) -> None:
+    """`reap_lost_jobs` every `interval` seconds until `stop` is set; errors are logged, never fatal.
+
+    Stopped by an event rather than cancelled, so a Redis command is never interrupted half-way (a
+    cancelled command can leave the connection pool in a state where closing it waits forever).
+    """
     redis_down = False
-    while True:
+    while not stop.is_set():
         try:
             await reap_lost_jobs(store, lost_seconds)
             if redis_down:
@@ -52,7 +56,8 @@ async def run_reaper(store: AsyncJobStore, lost_seconds: float, interval: float)
             redis_down = True
         except Exception:
             log.exception("reaper: unexpected error (will retry)")
-        await asyncio.sleep(interval)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 class WorkerCensus:

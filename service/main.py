@@ -46,6 +46,7 @@ DESCRIPTION = (
 #: Job endpoints must answer 503 quickly when Redis is down, then recover by themselves.
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
 REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
+SHUTDOWN_STEP_SECONDS = 5.0
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -82,17 +83,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = build_services(settings, metrics)
         app.state.services = services
         interval = reaper_interval(settings.job_lost_seconds)
-        reaper = asyncio.create_task(run_reaper(services.jobs, settings.job_lost_seconds, interval),
+        stop = asyncio.Event()
+        reaper = asyncio.create_task(run_reaper(services.jobs, settings.job_lost_seconds, interval, stop),
                                      name="tl-reaper")
         try:
             yield
         finally:
-            reaper.cancel()
-            with suppress(asyncio.CancelledError):
-                await reaper
+            stop.set()
+            try:
+                await asyncio.wait_for(reaper, SHUTDOWN_STEP_SECONDS)
+            except TimeoutError:  # stuck on an unreachable Redis: cancelled by wait_for
+                log.warning("the reaper did not stop in time; cancelled")
             services.cache.clear()
             services.executor.shutdown(wait=False, cancel_futures=True)
-            await services.jobs.redis.aclose()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(services.jobs.redis.aclose(), SHUTDOWN_STEP_SECONDS)
             services.celery.close()
 
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan, redoc_url=None,

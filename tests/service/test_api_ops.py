@@ -1,0 +1,144 @@
+"""Operations (/healthz, /readyz, /metrics), the OpenAPI document, and bearer-key authentication."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import assert_problem, make_settings
+from fastapi.testclient import TestClient
+
+from worker.config import Settings
+
+KEY = "s3cret-key"
+
+
+def test_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_reports_redis_and_no_workers_on_our_database(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"redis": "ok", "workers": 0}
+
+
+def test_metrics_count_requests_by_route_template_and_status(client: TestClient) -> None:
+    client.get("/v1/jobs/j_missing1")
+    client.get("/v1/jobs/j_missing2")
+    client.post("/v1/jobs", json={"model": "baseline", "epochs": 1})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'tl_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 2.0' in text
+    assert 'tl_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
+    assert "j_missing1" not in text  # raw paths never become labels
+    assert re.search(r'tl_http_request_duration_seconds_bucket\{le="0.005",method="GET",'
+                     r'route="/v1/jobs/\{job_id\}",status="404"\}', text)
+    assert 'tl_jobs{status="queued"} 1.0' in text and 'tl_jobs{status="running"} 0.0' in text
+    assert "tl_job_store_up 1.0" in text
+    assert "tl_predictions_total 0.0" in text
+
+
+def test_metrics_label_unknown_paths_as_unmatched(client: TestClient) -> None:
+    client.get("/no/such/path")
+    assert 'route="<unmatched>",status="404"' in client.get("/metrics").text
+
+
+def test_docs_and_openapi_are_served_and_redoc_is_not(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/redoc").status_code == 404
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    expected = {
+        ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
+        ("/v1/jobs/{job_id}/events", "get"), ("/v1/models", "get"), ("/v1/models/{ref}", "get"),
+        ("/v1/models/{model_id}", "delete"), ("/v1/models/{ref}/weights", "get"),
+        ("/v1/models/{ref}/curves.png", "get"),
+        ("/v1/models/{ref}/predict", "post"), ("/v1/predict", "post"), ("/v1/aliases", "get"),
+        ("/v1/aliases/{alias}", "put"), ("/v1/aliases/{alias}", "delete"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/metrics", "get"),
+    }
+    found = {(path, method) for path, ops in schema["paths"].items() for method in ops}
+    assert found == expected
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            assert op.get("summary") and op.get("description"), (path, method)
+            success = [code for code in op["responses"] if code.startswith("2")]
+            assert success, (path, method)
+            for code, response in op["responses"].items():
+                if code[0] in "45" and code != "503" or (code == "503" and path != "/readyz"):
+                    assert list(response["content"]) == ["application/problem+json"], (path, method, code)
+            if path.startswith("/v1"):
+                assert {"bearerAuth": []} in op["security"]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert {"type", "title", "status", "detail", "errors"} <= set(schema["components"]["schemas"]["Problem"]
+                                                                   ["properties"])
+
+
+def test_openapi_has_examples_for_job_creation_and_predict(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    job_body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert job_body["$ref"].endswith("/JobCreate")
+    assert schema["components"]["schemas"]["JobCreate"]["examples"]
+    assert schema["paths"]["/v1/jobs"]["post"]["responses"]["202"]["content"]["application/json"]["example"]
+    predict = schema["paths"]["/v1/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/png",
+                                                      "image/jpeg"}
+    assert predict["requestBody"]["content"]["application/json"]["example"]["instances"]
+    assert schema["components"]["schemas"]["PredictResponse"]["examples"]
+    for name in ("top_k", "probabilities"):
+        assert any(p["name"] == name for p in predict["parameters"])
+
+
+# ----- authentication -----
+
+
+@pytest.fixture
+def keyed(redis_url: str, artifact_dir: Path, app_client: Callable[[Settings], TestClient]) -> TestClient:
+    return app_client(make_settings(redis_url, artifact_dir, api_key=KEY))
+
+
+@pytest.mark.parametrize("method, path", [
+    ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/j_x"), ("post", "/v1/jobs/j_x/cancel"),
+    ("get", "/v1/jobs/j_x/events"), ("get", "/v1/models"), ("get", "/v1/models/latest"),
+    ("delete", "/v1/models/m_x"), ("get", "/v1/models/latest/weights"), ("get", "/v1/models/latest/curves.png"),
+    ("post", "/v1/models/latest/predict"), ("post", "/v1/predict"), ("get", "/v1/aliases"),
+    ("put", "/v1/aliases/default"), ("delete", "/v1/aliases/default"), ("get", "/v1/no-such-route"),
+])
+def test_every_v1_route_needs_the_key(keyed: TestClient, method: str, path: str) -> None:
+    response = keyed.request(method, path)
+    assert_problem(response, 401, "bearer")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("header", [f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer", "Bearer  ",
+                                    f"Bearer {KEY[:-1]}", "Bearer caf\u00e9"])
+def test_a_wrong_key_is_401(keyed: TestClient, header: str) -> None:
+    response = keyed.get("/v1/jobs", headers={"Authorization": header.encode("utf-8")})
+    assert_problem(response, 401)
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_right_key_is_accepted(keyed: TestClient, scheme: str) -> None:
+    response = keyed.get("/v1/jobs", headers={"Authorization": f"{scheme} {KEY}"})
+    assert response.status_code == 200 and response.json() == {"items": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+                                  "/docs/oauth2-redirect"])
+def test_operations_stay_open_with_a_key(keyed: TestClient, path: str) -> None:
+    assert keyed.get(path).status_code == 200
+
+
+def test_the_key_is_checked_before_the_body_is_looked_at(keyed: TestClient) -> None:
+    response = keyed.post("/v1/predict", content=b"x", headers={"content-length": str(10**12),
+                                                                "content-type": "image/png"})
+    assert_problem(response, 401)
