@@ -12,6 +12,7 @@ Stages, in order: loading_data, extracting_features (transfer; skipped on a cach
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -160,12 +161,12 @@ def _stage_weights(spec: JobCreate) -> dict[str, float]:
     """Rough CPU seconds per stage (only their ratios matter)."""
     images = spec.train_samples + spec.test_samples
     scale = (spec.image_size / 96) ** 2 * spec.alpha
-    weights = {"loading_data": 1.0, "evaluating": 1.0, "saving": 4.0}
+    weights = {"loading_data": 2.0, "evaluating": 0.5, "saving": 5.0}
     if spec.model == "baseline":
         weights["training"] = spec.epochs * images * 0.0004
         return weights
-    weights["extracting_features"] = images * 0.002 * scale
-    weights["training"] = spec.epochs * images * 0.0003
+    weights["extracting_features"] = 2.0 + (spec.train_samples * 0.0006 + spec.test_samples * 0.003) * scale
+    weights["training"] = spec.epochs * spec.train_samples * 0.0002
     if spec.fine_tuning:
         weights["fine_tuning"] = spec.fine_tune_epochs * images * 0.006 * scale
         weights["evaluating"] += spec.test_samples * 0.003 * scale
@@ -401,7 +402,7 @@ def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, p
                     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> _Outcome:
     import keras
 
-    from worker.features import FeatureCache, FeatureKey, extract_features
+    from worker.features import FeatureCache, FeatureKey, extract_features, extract_features_litert, litert_version
     from worker.models import build_head, build_transfer, copy_head_weights, head_layer_names, unfreeze_top
 
     # The full model is built first and the head copies its initial weights, so for a given seed the fast path
@@ -411,43 +412,67 @@ def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, p
     for name in head_layer_names(spec):
         head.get_layer(name).set_weights(transfer.model.get_layer(name).get_weights())
 
+    tensorflow_runtime = f"tensorflow {runtime.tensorflow_version} keras {runtime.keras_version}"
+    # The test split always goes through TensorFlow: the head on those features then gives exactly the saved
+    # model's probabilities. The training split goes through LiteRT on a CPU (about 5x faster, same values to
+    # ~4e-5), through TensorFlow on a GPU.
+    use_litert = runtime.gpus == 0
+    plan = [(subsets[0], dataset.train, x_train, use_litert), (subsets[1], dataset.test, x_test, False)]
     cache = FeatureCache(settings.feature_cache_dir, settings.feature_cache_max_bytes)
     features: dict[str, np.ndarray] = {}
     cache_report: dict[str, str] = {}
-    pending: list[tuple[str, FeatureKey, np.ndarray]] = []
-    for subset, split, images in ((subsets[0], dataset.train, x_train), (subsets[1], dataset.test, x_test)):
+    extractors: dict[str, str] = {}
+    pending: list[tuple[str, FeatureKey, np.ndarray, bool]] = []
+    for subset, split, images, litert in plan:
+        extractor = f"{litert_version()} (converted by {tensorflow_runtime})" if litert else tensorflow_runtime
         key = FeatureKey(split=subset.split, data_identity=split.identity, indices_sha256=subset.indices_sha256,
                          count=len(subset.indices), image_size=spec.image_size, alpha=float(spec.alpha),
-                         weights_sha256=weights.sha256,
-                         keras_version=f"keras {runtime.keras_version} tf {runtime.tensorflow_version}")
+                         weights_sha256=weights.sha256, extractor=extractor)
+        extractors[subset.split] = extractor
         cached = cache.load(key)
         if cached is not None:
             features[subset.split] = cached
             cache_report[subset.split] = "hit"
         else:
-            pending.append((subset.split, key, images))
+            pending.append((subset.split, key, images, litert))
             cache_report[subset.split] = "miss" if cache.enabled else "disabled"
     if pending:
         progress.enter("extracting_features")
-        total = sum(len(images) for _, _, images in pending)
-        done_before = 0
-        for split_name, key, images in pending:
-            def on_batch(done: int, _total: int, offset: int = done_before) -> None:
+        # LiteRT runs ~5x faster per image, so weight its images less in the stage's progress.
+        cost = {True: 0.2, False: 1.0}
+        total = sum(len(images) * cost[litert] for _, _, images, litert in pending)
+        done_before = 0.0
+        for split_name, key, images, litert in pending:
+            def on_batch(done: int, _total: int, offset: float = done_before, weight: float = cost[litert]) -> None:
                 progress.check_cancel()
-                progress.within((offset + done) / total)
+                progress.within((offset + done * weight) / total)
 
-            features[split_name] = extract_features(transfer.extractor, images, on_batch=on_batch)
-            done_before += len(images)
+            if litert:
+                try:
+                    features[split_name] = extract_features_litert(transfer.extractor, images, on_batch=on_batch)
+                except JobCancelled:
+                    raise
+                except Exception as exc:  # conversion or runtime trouble: TensorFlow computes the same thing
+                    log.warning("LiteRT feature extraction failed (%s: %s); using TensorFlow",
+                                type(exc).__name__, exc)
+                    key = dataclasses.replace(key, extractor=tensorflow_runtime)
+                    extractors[split_name] = tensorflow_runtime
+                    features[split_name] = extract_features(transfer.extractor, images, on_batch=on_batch)
+            else:
+                features[split_name] = extract_features(transfer.extractor, images, on_batch=on_batch)
+            done_before += len(images) * cost[litert]
             cache.store(key, features[split_name])
 
     history: list[EpochRecord] = []
     progress.enter("training")
     _compile(head, fused_adam(spec.learning_rate), HEAD_STEPS_PER_EXECUTION)
+    # Validation in large batches: the same numbers, a sixth of the steps per epoch.
     head.fit(features["train"], y_train, batch_size=spec.batch_size, epochs=spec.epochs,
-             validation_data=(features["test"], y_test), shuffle=True, verbose=0,
+             validation_data=(features["test"], y_test), validation_batch_size=1024, shuffle=True, verbose=0,
              callbacks=[_epoch_callback(progress, spec.epochs, 1, history)])
     copy_head_weights(head, transfer.model, spec)
     extra: dict[str, Any] = {"fast_path": "frozen-base features, head trained on them", "feature_cache": cache_report,
+                             "feature_extractor": extractors,
                              "optimizer": "Adam (fused kernel) for the head",
                              "steps_per_execution": HEAD_STEPS_PER_EXECUTION}
 

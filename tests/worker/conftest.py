@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Keras 3.15 converts its variables with np.array(x) on NumPy 2 and NumPy warns once per weight read;
+    # it is Keras' own code path, not ours.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+
 def _shared_settings() -> Settings:
     settings = Settings()
     update: dict[str, object] = {}

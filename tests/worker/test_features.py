@@ -13,7 +13,7 @@ from worker.features import FeatureCache, FeatureKey
 
 def _key(split: str, count: int = 10, indices: str = "i") -> FeatureKey:
     return FeatureKey(split=split, data_identity="d" * 64, indices_sha256=indices, count=count, image_size=96,
-                      alpha=1.0, weights_sha256="w" * 64, keras_version="k")
+                      alpha=1.0, weights_sha256="w" * 64, extractor="k")
 
 
 def _features(count: int = 10, size: int = 25_000) -> np.ndarray:
