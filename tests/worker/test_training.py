@@ -217,3 +217,15 @@ def test_fine_tuning_continues_epochs_and_keeps_batch_norm_frozen(recording_repo
         elif not same:
             changed.append(layer.name)
     assert changed and set(changed) <= {layer.name for layer in base.layers[-12:]}
+
+
+def test_same_seed_and_spec_reproduce_the_model_from_scratch(
+        recording_reporter: Any, transfer_run: tuple[TrainResult, Any], settings: Settings) -> None:
+    """A second run with an empty artifact directory (features recomputed) trains the very same model."""
+    first, _ = transfer_run
+    second = train_job(TRANSFER, settings, recording_reporter())
+    assert second.metadata["training"]["feature_cache"] == {"train": "miss", "test": "miss"}
+    assert second.metadata["data"]["train_indices_sha256"] == first.metadata["data"]["train_indices_sha256"]
+    assert second.metadata["history"] == [{**h, "seconds": s["seconds"]} for h, s in
+                                          zip(first.metadata["history"], second.metadata["history"], strict=True)]
+    assert second.metrics.test_accuracy == first.metrics.test_accuracy
