@@ -48,8 +48,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/models/{ref}/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_BODY,
-             responses=_RESPONSES)
+@router.post("/models/{ref}/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             openapi_extra=PREDICT_REQUEST_BODY, responses=_RESPONSES)
 async def predict_with_model(ref: str, request: Request, services: ServicesDep, top_k: TopK = 3,
                              probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with a model named by id, alias or `latest`."""
@@ -57,8 +57,8 @@ async def predict_with_model(ref: str, request: Request, services: ServicesDep, 
     return await _predict(request, services, model_id, top_k, probabilities)
 
 
-@router.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_BODY,
-             responses=_RESPONSES)
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             openapi_extra=PREDICT_REQUEST_BODY, responses=_RESPONSES)
 async def predict_default(request: Request, services: ServicesDep, top_k: TopK = 3,
                           probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with the `default` alias's model, or the newest model when no default is set."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import assert_problem
 from fastapi.testclient import TestClient
+from svc_helpers import assert_problem
 
 from service.routes.jobs import job_events
 from worker.jobs import AsyncJobStore, EpochRecord, JobStore, Metrics, Progress, utc_now

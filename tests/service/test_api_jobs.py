@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import assert_problem, make_settings
 from fastapi.testclient import TestClient
+from svc_helpers import assert_problem, make_settings
 
 from worker.celery_app import TRAIN_TASK, TRAINING_QUEUE, make_celery
 from worker.config import Settings

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_problem, make_settings
 from fastapi.testclient import TestClient
+from svc_helpers import assert_problem, make_settings
 
 from worker.config import Settings
 

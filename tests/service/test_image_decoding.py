@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
-from conftest import image_bytes
 from PIL import Image
+from svc_helpers import image_bytes, raw_png
 
 from service.errors import BadImage, InvalidInput, PayloadTooLarge
 from service.images import MAX_PIXELS, decode_b64, decode_image, nested_list_to_array
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes | None) -> bytes:
-    """A PNG written by hand (Pillow cannot write 16-bit RGB, nor lie about its size)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    idat = zlib.compress(rows if rows is not None else b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def test_rgb_png_of_32x32_is_returned_exactly() -> None:
