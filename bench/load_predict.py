@@ -13,58 +13,21 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from _common import ensure_model, percentiles, png, print_json, print_table, start_stack, test_images
+from _loadgen import run_clients
 
 
 def run_load(base_url: str, headers: dict[str, str], clients: int, requests: int) -> dict[str, Any]:
     x, y = test_images(256, seed=3)
-    files = [png(image) for image in x]
-    latencies: list[float] = []
-    errors: list[str] = []
-    correct = 0
-    counter = iter(range(requests))
-    lock = threading.Lock()
-
-    def client() -> None:
-        nonlocal correct
-        with httpx.Client(base_url=base_url, headers=headers, timeout=60) as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                start = time.perf_counter()
-                try:
-                    r = c.post("/v1/models/latest/predict",
-                               files=[("file", ("img.png", files[i % len(files)], "image/png"))])
-                    elapsed = time.perf_counter() - start
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
-                        continue
-                    hit = r.json()["predictions"][0]["class_index"] == y[i % len(files)]
-                except httpx.HTTPError as exc:
-                    errors.append(repr(exc))
-                    continue
-                with lock:
-                    latencies.append(elapsed)
-                    correct += int(hit)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {"requests": requests, "clients": clients, "errors": len(errors), "first_errors": errors[:3],
-            "wall_s": wall, "requests_per_s": len(latencies) / wall, "accuracy": correct / max(1, len(latencies)),
-            **percentiles(latencies)}
+    load = run_clients(base_url, headers, [png(image) for image in x], clients, requests, labels=y.tolist())
+    return {"requests": requests, "clients": clients, "errors": len(load.errors), "first_errors": load.errors[:3],
+            "wall_s": load.wall_s, "requests_per_s": load.requests_per_s,
+            "accuracy": load.correct / max(1, len(load.latencies)), **percentiles(load.latencies)}
 
 
 def main() -> None:

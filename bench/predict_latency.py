@@ -7,7 +7,8 @@
    batch of 64; top-1 agreement of LiteRT with Keras on 64 real test images.
 2. Over HTTP, against a real stack (Redis, a Celery worker, uvicorn; the same processes `make run` starts)
    serving that model: single-image p50/p95/p99 (multipart PNG and JSON base64), images/s for batches of
-   1, 8 and 64, and throughput with 1, 4 and 16 concurrent clients.
+   1, 8 and 64, and throughput with 1, 4 and 16 concurrent clients (each client a process of its own,
+   sending single-image requests back to back).
 
 Goals (issue 6): HTTP single-image p50 <= 1/10 of in-process `model.predict` p50; batches of 64 over HTTP
 >= 400 images/s; 16 clients >= 3x one client's throughput. Printed, never asserted.
@@ -18,13 +19,12 @@ from __future__ import annotations
 import argparse
 import base64
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _common import ensure_model, percentiles, png, print_json, print_table, start_stack, test_images, timed
+from _loadgen import run_clients
 
 
 def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
@@ -82,33 +82,13 @@ def http(base_url: str, headers: dict[str, str], repeat: int) -> dict[str, Any]:
             samples = timed(lambda n=n: multipart(n), reps)
             results[f"batch{n}_images_per_s"] = n * len(samples) / sum(samples)
 
-    def clients(count: int, per_client: int) -> float:
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            with httpx.Client(base_url=base_url, headers=headers, timeout=60) as c:
-                for i in range(per_client):
-                    try:
-                        r = c.post("/v1/models/latest/predict",
-                                   files=[("file", ("x.png", files[i % len(files)], "image/png"))])
-                        r.raise_for_status()
-                    except BaseException as exc:  # counted and reported below
-                        errors.append(exc)
-
-        threads = [threading.Thread(target=run) for _ in range(count)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
-        if errors:
-            raise RuntimeError(f"{len(errors)} errors with {count} clients, first: {errors[0]!r}")
-        return count * per_client / elapsed
-
-    total = max(64, repeat)
+    total = max(160, 2 * repeat)
     for count in (1, 4, 16):
-        results[f"clients{count}_requests_per_s"] = clients(count, max(4, total // count))
+        load = run_clients(base_url, headers, files, count, total)
+        if load.errors:
+            raise RuntimeError(f"{len(load.errors)} errors with {count} clients, first: {load.errors[0]}")
+        results[f"clients{count}_requests_per_s"] = load.requests_per_s
+        results[f"clients{count}_latency"] = percentiles(load.latencies)
     return results
 
 
@@ -117,13 +97,15 @@ def main() -> None:
     parser.add_argument("--model-dir", help="a model directory with model.keras and model.tflite (else one is trained)")
     parser.add_argument("--repeat", type=int, default=200, help="requests per single-image measurement")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--batch-window-ms", type=float, help="the server's TL_BATCH_WINDOW_MS (default: its own)")
     args = parser.parse_args()
     repeat = 30 if args.quick else args.repeat
 
     with tempfile.TemporaryDirectory(prefix="tl-bench-") as tmp:
         model_dir = ensure_model(args.model_dir, Path(tmp))
         local = in_process(model_dir, repeat)
-        stack = start_stack([model_dir])
+        env = {} if args.batch_window_ms is None else {"TL_BATCH_WINDOW_MS": str(args.batch_window_ms)}
+        stack = start_stack([model_dir], env=env)
         try:
             from tests.integration.harness import API_KEY
 
