@@ -81,8 +81,10 @@ async def _resolve_or_explain(store: ModelStore, ref: str) -> str:
 
 async def _predict(request: Request, services: ServicesDep, model_id: str, k: int,
                    with_probabilities: bool) -> PredictResponse:
-    images = await read_images(request, services.settings.max_batch)
-    entry, probs = await services.cache.predict(model_id, images)
+    entry = await services.cache.get(model_id)  # loaded (once) before the body is read
+    with entry.batcher.incoming():
+        images = await read_images(request, services.settings.max_batch)
+    probs = await entry.batcher.predict(images)
     services.metrics.predictions.inc(len(images))
     return PredictResponse.model_validate(
         {"model_id": model_id, "predictions": rank_predictions(probs, entry.classes, k, with_probabilities)})

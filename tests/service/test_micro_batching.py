@@ -121,3 +121,33 @@ def test_load_runner_warms_up_and_checks_the_output(trained_model: Path) -> None
     assert runner.backend == "tflite"
     out = runner.predict(np.zeros((2, 32, 32, 3), dtype=np.float32))
     assert out.shape == (2, 10) and np.allclose(out.sum(axis=1), 1, atol=1e-4)
+
+
+def test_a_forming_batch_waits_for_requests_still_being_read(trained_model: Path, images: np.ndarray) -> None:
+    runner = TFLiteRunner(trained_model / TFLITE_FILE, threads=2)
+    batches: list[int] = []
+
+    async def go() -> tuple[bool, np.ndarray, np.ndarray]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(runner, pool, 64, window_s=30.0, on_batch=batches.append)
+            with batcher.incoming():  # request B is still decoding its images
+                a = asyncio.create_task(batcher.predict(images[:2]))
+                await asyncio.sleep(0.2)
+                a_waited = not a.done()
+            b = await batcher.predict(images[2:5])
+            return a_waited, await a, b
+
+    a_waited, a, b = run(go())  # type: ignore[misc]
+    assert a_waited and batches == [5]
+    assert a.shape == (2, 10) and b.shape == (3, 10)
+
+
+def test_a_lone_request_does_not_wait_for_the_window(trained_model: Path, images: np.ndarray) -> None:
+    runner = TFLiteRunner(trained_model / TFLITE_FILE, threads=2)
+
+    async def go() -> np.ndarray:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(runner, pool, 64, window_s=600.0)
+            return await asyncio.wait_for(batcher.predict(images[:1]), 30)  # nothing announced: runs at once
+
+    assert run(go()).shape == (1, 10)  # type: ignore[attr-defined]
