@@ -18,7 +18,7 @@ from celery import Celery
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import JobStoreDep, ServicesDep, require_json
+from service.deps import JobStoreDep, ServicesDep, SettingsDep, require_json
 from service.errors import JobFinished, JobNotFound, QueueUnavailable, problem_responses
 from service.schemas import JOB_EXAMPLE, JobList
 from worker.artifacts import valid_id
@@ -121,11 +121,10 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses={200: _JOB_RESPONSE, **problem_responses(401, 404, 503)})
-async def read_job(job_id: str, services: ServicesDep) -> Job:
+async def read_job(job_id: str, store: JobStoreDep, settings: SettingsDep) -> Job:
     """Read one job: status, progress, per-epoch history, and metrics or error once it ended."""
-    store = services.jobs
     job = await _require_job(store, job_id)
-    if job.status in ("running", "cancelling") and await store.reap(job_id, services.settings.job_lost_seconds):
+    if job.status in ("running", "cancelling") and await store.reap(job_id, settings.job_lost_seconds):
         job = await _require_job(store, job_id)  # its worker was lost: now failed
     return job
 

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.deps import ServicesDep
+from service.deps import ServicesDep, SettingsDep
 from service.errors import (
     BadRequest,
     InvalidInput,
@@ -50,16 +50,16 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.post("/models/{ref}/predict", response_model=PredictResponse, response_model_exclude_none=True,
              openapi_extra=PREDICT_REQUEST_BODY, responses=_RESPONSES)
-async def predict_with_model(ref: str, request: Request, services: ServicesDep, top_k: TopK = 3,
-                             probabilities: WithProbabilities = False) -> PredictResponse:
+async def predict_with_model(ref: str, request: Request, services: ServicesDep, settings: SettingsDep,
+                             top_k: TopK = 3, probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with a model named by id, alias or `latest`."""
     model_id = await _resolve_or_explain(services.models, ref)
-    return await _predict(request, services, model_id, top_k, probabilities)
+    return await _predict(request, services, model_id, settings.max_batch, top_k, probabilities)
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
              openapi_extra=PREDICT_REQUEST_BODY, responses=_RESPONSES)
-async def predict_default(request: Request, services: ServicesDep, top_k: TopK = 3,
+async def predict_default(request: Request, services: ServicesDep, settings: SettingsDep, top_k: TopK = 3,
                           probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with the `default` alias's model, or the newest model when no default is set."""
     store = services.models
@@ -67,7 +67,7 @@ async def predict_default(request: Request, services: ServicesDep, top_k: TopK =
         model_id = await resolve_model(store, DEFAULT_ALIAS)
     except ModelNotFound:
         model_id = await _resolve_or_explain(store, "latest")
-    return await _predict(request, services, model_id, top_k, probabilities)
+    return await _predict(request, services, model_id, settings.max_batch, top_k, probabilities)
 
 
 async def _resolve_or_explain(store: ModelStore, ref: str) -> str:
@@ -79,11 +79,11 @@ async def _resolve_or_explain(store: ModelStore, ref: str) -> str:
         raise
 
 
-async def _predict(request: Request, services: ServicesDep, model_id: str, k: int,
+async def _predict(request: Request, services: ServicesDep, model_id: str, max_batch: int, k: int,
                    with_probabilities: bool) -> PredictResponse:
     entry = await services.cache.get(model_id)  # loaded (once) before the body is read
     with entry.batcher.incoming():
-        images = await read_images(request, services.settings.max_batch)
+        images = await read_images(request, max_batch)
     probs = await entry.batcher.predict(images)
     services.metrics.predictions.inc(len(images))
     return PredictResponse.model_validate(
@@ -140,7 +140,7 @@ def _stack(decoders: list[Any]) -> np.ndarray:
 def _images_from_json(body: bytes, max_batch: int) -> np.ndarray:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(payload, dict) or "instances" not in payload:
         raise _invalid(["body"], "expected an object {\"instances\": [...]}")

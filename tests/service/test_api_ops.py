@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_helpers import assert_problem, make_settings
+from svc_helpers import REPO, assert_problem, make_settings
 
 from worker.config import Settings
 
@@ -142,3 +145,14 @@ def test_the_key_is_checked_before_the_body_is_looked_at(keyed: TestClient) -> N
     response = keyed.post("/v1/predict", content=b"x", headers={"content-length": str(10**12),
                                                                 "content-type": "image/png"})
     assert_problem(response, 401)
+
+
+@pytest.mark.parametrize("variable, value, field", [("TL_MAX_BATCH", "0", "max_batch"),
+                                                    ("TL_REDIS_URL", "http://x", "redis_url"),
+                                                    ("TL_PORT", "high", "port")])
+def test_bad_settings_stop_start_up_with_a_clear_message(variable: str, value: str, field: str) -> None:
+    env = {**os.environ, variable: value}
+    done = subprocess.run([sys.executable, "-c", "import service.main"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode != 0
+    assert "ValidationError" in done.stderr and field in done.stderr

@@ -231,6 +231,11 @@ def test_unsupported_content_types_are_415(client: TestClient, model: str, conte
     (b'{"instances": [7]}', 422, "image 0"),
     (b'{"instances": [[1, 2, 3]]}', 422, "32x32x3"),
     (b'{"instances": [[[[1, 2, 3]]]], "top_k": 3}', 422, "unknown"),
+    (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "not valid JSON"),
+    (b'{"instances": [' + b"[" * 300 + b"]" * 300 + b"]}", 422, "32x32x3"),
+    (b'{"instances": [' + json.dumps([[[1e400, 0, 0]] * 32] * 32).encode() + b"]}", 422, "outside 0..255"),
+    (b'{"instances": [' + json.dumps([[[10**30, 0, 0]] * 32] * 32).encode() + b"]}", 422, "32x32x3"),
+    (b'{"instances": [' + json.dumps([[[None, 0, 0]] * 32] * 32).encode() + b"]}", 422, "32x32x3"),
 ])
 def test_bad_json_bodies(client: TestClient, model: str, body: bytes, status: int, detail: str) -> None:
     response = client.post(f"/v1/models/{MODEL}/predict", content=body, headers={"content-type": "application/json"})
@@ -318,3 +323,14 @@ def test_predictions_keep_request_order(client: TestClient, model: str, images: 
     body = json.dumps({"instances": [img.tolist() for img in x]})
     response = client.post(f"/v1/models/{MODEL}/predict", content=body, headers={"content-type": "application/json"})
     assert labels_of(response) == expected
+
+
+def test_settings_can_be_overridden_per_app(client: TestClient, model: str, settings: Settings) -> None:
+    from service.deps import get_app_settings
+
+    overrides = client.app.dependency_overrides  # type: ignore[attr-defined]
+    overrides[get_app_settings] = lambda: settings.model_copy(update={"max_batch": 2})
+    instances = [np.zeros((32, 32, 3)).tolist()] * 3
+    assert_problem(client.post(f"/v1/models/{MODEL}/predict", json={"instances": instances}), 413, "at most 2")
+    overrides.clear()
+    assert client.post(f"/v1/models/{MODEL}/predict", json={"instances": instances}).status_code == 200
