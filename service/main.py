@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:  # under uvicorn, only its own loggers have handlers
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("service").setLevel(settings.log_level)
         services = build_services(settings, metrics)
         app.state.services = services

@@ -7,6 +7,8 @@
    body; a chunked body (no length) is counted as it arrives and cut off at the limit, and whatever the
    route was about to answer is replaced by the same 413. So no request ever holds more than the limit
    in memory.
+3. Query strings: an empty parameter (`?status=&limit=50`) counts as absent, so API.md's templates work as
+   written.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class RequestGuard:
         if length is not None and length > self._limit:
             await _answer(send, 413, self._too_large_detail(), close=True)
             return
+        query = scope.get("query_string", b"")
+        if query:
+            scope = {**scope, "query_string": drop_empty_query_values(query)}
         await self._call_limited(scope, receive, send)
 
     def _too_large_detail(self) -> str:
@@ -100,6 +105,13 @@ class RequestGuard:
                 raise
         if exceeded and not started:
             await _answer(send, 413, self._too_large_detail(), close=True)
+
+
+def drop_empty_query_values(query: bytes) -> bytes:
+    """`?status=&model=&limit=50` reads as `?limit=50`: an empty query parameter counts as not given
+    (shared/API.md writes its query templates that way, and clients copy them)."""
+    kept = [part for part in query.split(b"&") if part.partition(b"=")[2]]
+    return b"&".join(kept)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -282,3 +282,11 @@ def test_job_spec_round_trips_through_jobcreate(client: TestClient) -> None:
     job = client.post("/v1/jobs", json={"model": "transfer", "fine_tune_layers": 20, "fine_tune_epochs": 2}).json()
     assert JobCreate.model_validate(job["spec"]).public() == job["spec"]
     assert job["progress"]["epochs"] == 12
+
+
+def test_empty_query_parameters_count_as_absent(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=SMALL).json()["id"]
+    response = client.get("/v1/jobs?status=&model=&limit=50&cursor=")  # API.md's template, as written
+    assert response.status_code == 200
+    assert [job["id"] for job in response.json()["items"]] == [job_id]
+    assert client.get("/v1/jobs?limit=&status=queued").json()["items"][0]["id"] == job_id
