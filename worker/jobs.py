@@ -17,6 +17,7 @@ the worker's progress and the reaper's "worker lost" can race without losing a t
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import json
 import secrets
@@ -346,10 +347,10 @@ class AsyncJobStore:
         return bool(result)
 
     async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
-                   cursor: str | None = None) -> tuple[list[Job], str | None]:
+                   cursor: str | None = None) -> tuple[builtins.list[Job], str | None]:
         """Newest first; `cursor` is the opaque `next_cursor` of the previous page."""
         upper = f"({cursor}" if cursor else "+"
-        items: list[Job] = []
+        items: builtins.list[Job] = []
         chunk = max(limit, 50)
         while len(items) < limit:
             members = await self.redis.zrevrangebylex(INDEX_KEY, upper, "-", start=0, num=chunk)
@@ -373,7 +374,7 @@ class AsyncJobStore:
                 return items, None
         return items, None
 
-    async def active_ids(self, limit: int = 1000) -> list[str]:
+    async def active_ids(self, limit: int = 1000) -> builtins.list[str]:
         ids = [m.split(":", 1)[1] for m in await self.redis.zrevrange(INDEX_KEY, 0, limit - 1)]
         pipe = self.redis.pipeline()
         for job_id in ids:

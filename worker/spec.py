@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 ModelKind = Literal["baseline", "transfer"]
-Alpha = Literal[0.35, 0.5, 0.75, 1.0, 1.3, 1.4]
+ALPHAS: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+
+def _known_alpha(value: float) -> float:
+    if value not in ALPHAS:
+        raise ValueError(f"must be one of {', '.join(map(str, ALPHAS))} (the widths ImageNet weights exist for)")
+    return value
+
+
+# A float restricted to MobileNetV2's published widths (`Literal` cannot hold floats for type checkers).
+Alpha = Annotated[float, AfterValidator(_known_alpha), WithJsonSchema({"type": "number", "enum": list(ALPHAS)})]
 
 CLASS_NAMES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
