@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from worker.config import Settings
 from worker.jobs import Metrics
+from worker.spec import JobCreate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,21 +41,30 @@ def test_cli_trains_and_prints_one_json_line(settings: Settings, tmp_path: Path)
     assert "stage: training" in proc.stderr and "epoch 1/1" in proc.stderr  # progress goes to stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--model", "transfer", "--train-samples", "99"], "--train-samples: Input should be greater than or equal to 100"),
-    (["--model", "baseline", "--dropout", "0.3"], "dropout: transfer-only field(s), not allowed for a baseline job"),
-    (["--model", "transfer", "--alpha", "0.6"], "--alpha: Input should be 0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"),
-    (["--model", "cnn"], "--model: Input should be 'baseline' or 'transfer'"),
-    (["--epochs", "3"], "--model: Field required"),
-    (["--model", "transfer", "--dense-units", "128,0"], "--dense-units.1: Input should be greater than or equal to 1"),
-    (["--model", "transfer", "--colour", "red"], "unrecognized arguments: --colour red"),
+@pytest.mark.parametrize(("args", "body"), [
+    (["--model", "transfer", "--train-samples", "99"], {"model": "transfer", "train_samples": 99}),
+    (["--model", "baseline", "--dropout", "0.3"], {"model": "baseline", "dropout": 0.3}),
+    (["--model", "transfer", "--alpha", "0.6"], {"model": "transfer", "alpha": 0.6}),
+    (["--model", "cnn"], {"model": "cnn"}),
+    (["--epochs", "3"], {"epochs": 3}),
+    (["--model", "transfer", "--dense-units", "128,0"], {"model": "transfer", "dense_units": [128, 0]}),
 ])
-def test_cli_rejects_bad_arguments_with_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+def test_cli_rejects_bad_arguments_with_the_apis_messages(args: list[str], body: dict[str, object],
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as api_error:  # what POST /v1/jobs validates the same body with
+        JobCreate.model_validate(body)
     proc = _run([*args, "--output", str(tmp_path)], timeout=60)
     assert proc.returncode == 2
-    assert message in proc.stderr
+    for error in api_error.value.errors():
+        assert error["msg"] in proc.stderr
     assert proc.stdout == ""
     assert not (tmp_path / "models").exists()
+
+
+def test_cli_rejects_unknown_flags_with_exit_2(tmp_path: Path) -> None:
+    proc = _run(["--model", "transfer", "--colour", "red", "--output", str(tmp_path)], timeout=60)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --colour red" in proc.stderr
 
 
 @pytest.mark.realdata
