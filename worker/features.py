@@ -24,9 +24,11 @@ import json
 import logging
 import os
 import secrets
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,6 +150,25 @@ class FeatureCache:
         return removed
 
 
+_compiled_extractors: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _compiled(extractor: Any) -> Any:
+    """One tf.function per extractor model (a new one per call would retrace, and TensorFlow warns)."""
+    import tensorflow as tf
+
+    run = _compiled_extractors.get(extractor)
+    if run is None:
+        model = weakref.ref(extractor)  # the cache must not keep its own key alive
+
+        @tf.function(reduce_retracing=True)
+        def run(batch: tf.Tensor) -> tf.Tensor:
+            return model()(tf.cast(batch, tf.float32), training=False)
+
+        _compiled_extractors[extractor] = run
+    return run
+
+
 def extract_features(
     extractor: object,
     images: np.ndarray,
@@ -159,18 +180,11 @@ def extract_features(
 
     `on_batch(done, total)` is called after every batch (progress and the cancel check; it may raise).
     """
-    import tensorflow as tf
-
-    model = extractor
-
-    @tf.function(reduce_retracing=True)
-    def run(batch: tf.Tensor) -> tf.Tensor:
-        return model(tf.cast(batch, tf.float32), training=False)  # type: ignore[operator]
-
+    run = _compiled(extractor)
     total = int(images.shape[0])
     out: np.ndarray | None = None
     for start in range(0, total, batch_size):
-        chunk = run(tf.constant(images[start:start + batch_size])).numpy()
+        chunk = run(images[start:start + batch_size]).numpy()
         if out is None:
             out = np.empty((total, *chunk.shape[1:]), dtype=np.float32)
         out[start:start + chunk.shape[0]] = chunk
