@@ -81,7 +81,7 @@ class KerasRunner:
         import keras
         import tensorflow as tf
 
-        model = keras.saving.load_model(str(path), compile=False)
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=True)  # no arbitrary code
         signature = [tf.TensorSpec([None, *INPUT_SHAPE], tf.float32)]
         self._tf = tf
         self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
