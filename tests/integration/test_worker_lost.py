@@ -39,6 +39,24 @@ def test_killed_pool_process_fails_its_job_at_once(stack: Stack, client: httpx.C
     train(client, {**BASELINE_SMALL, "seed": 42})
 
 
+def test_stopped_worker_fails_its_running_job_and_exits(stack: Stack, client: httpx.Client, realdata: None) -> None:
+    # What Ctrl-C on `make run`, `docker compose stop` or a deploy does: SIGTERM to the worker's processes.
+    job = submit(client, {"model": "baseline", "train_samples": 5000, "test_samples": 500, "epochs": 30,
+                          "seed": 45})
+    wait_job(client, job["id"], timeout=120, until=lambda j: j["progress"]["stage"] == "training")
+
+    stack.worker.signal_group(signal.SIGTERM)
+    stopped = wait_job(client, job["id"], timeout=15)
+    exit_status = stack.worker.process.wait(timeout=30) if stack.worker.process else None
+
+    assert stopped["status"] == "failed"
+    assert stopped["error"]["type"] == "WorkerStopped", stopped["error"]
+    assert stopped["model_id"] is None
+    assert exit_status == 0  # Celery's warm shutdown: the job ended, then the worker left cleanly
+    stack.start_worker()
+    stack.wait_ready(min_workers=1)
+
+
 @pytest.mark.slow
 def test_killed_worker_mid_transfer_job_fails_it_and_a_new_worker_takes_over(
         stack: Stack, client: httpx.Client, weights: None) -> None:
