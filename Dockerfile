@@ -27,6 +27,5 @@ COPY worker ./worker
 RUN pip install --no-deps . && mkdir -p /artifacts /data /root/.keras
 
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"
+# Health checks are per service in docker-compose.yml (the API's /readyz, the worker's Celery ping).
 CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from celery.bin.base import CLIContext
 from celery.bin.celery import celery as celery_cli
+from celery.bin.control import inspect as celery_inspect_cli
 from celery.bin.worker import worker as celery_worker_cli
 from uvicorn.main import main as uvicorn_cli
 
@@ -109,6 +111,22 @@ def test_worker_command_names_the_app_and_real_celery_options(service: str) -> N
     assert params["concurrency"] == 1
     assert params["pool"].__module__ == "celery.concurrency.prefork"
     assert SERVICES[service]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("service", WORKERS)
+def test_worker_healthcheck_pings_this_worker(service: str) -> None:
+    kind, line = SERVICES[service]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    argv = shlex.split(line.replace("$$HOSTNAME", "abc123"))
+    assert argv[0] == "celery"
+    split = argv.index("inspect")
+    assert imported(parse(celery_cli, argv[1:split])["app"]) is celery_app
+    params = parse(celery_inspect_cli, argv[split + 1:],
+                   obj=CLIContext(app=celery_app, no_color=True, workdir=None, quiet=True))
+    assert params["command"] == "ping"
+    # The worker's command sets no node name, so Celery names it celery@<container hostname>.
+    assert "-n" not in SERVICES[service]["command"] and "--hostname" not in SERVICES[service]["command"]
+    assert params["destination"] == ["celery@abc123"]
 
 
 def test_gpu_worker_reserves_one_nvidia_gpu_and_the_cpu_one_is_a_profile() -> None:
