@@ -163,7 +163,9 @@ def _compiled(extractor: Any) -> Any:
 
         @tf.function(reduce_retracing=True)
         def run(batch: tf.Tensor) -> tf.Tensor:
-            return model()(tf.cast(batch, tf.float32), training=False)
+            target = model()
+            assert target is not None, "the extractor was garbage-collected while in use"
+            return target(tf.cast(batch, tf.float32), training=False)
 
         _compiled_extractors[extractor] = run
     return run
