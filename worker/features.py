@@ -218,30 +218,7 @@ def extract_features_litert(
     threads: int | None = None,
 ) -> np.ndarray:
     """Like `extract_features`, through a float32 TensorFlow Lite conversion of `extractor` run by LiteRT."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from worker.export import convert_tflite
+    from worker.export import convert_tflite, run_tflite
 
     content, _ = convert_tflite(extractor)
-    interpreter = Interpreter(model_content=content, num_threads=threads or cpu_threads())
-    inp = interpreter.get_input_details()[0]
-    out_index = interpreter.get_output_details()[0]["index"]
-    total = int(images.shape[0])
-    out: np.ndarray | None = None
-    current = None
-    for start in range(0, total, batch_size):
-        chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
-        if current != len(chunk):
-            interpreter.resize_tensor_input(inp["index"], [len(chunk), *chunk.shape[1:]])
-            interpreter.allocate_tensors()
-            current = len(chunk)
-        interpreter.set_tensor(inp["index"], chunk)
-        interpreter.invoke()
-        result = interpreter.get_tensor(out_index)
-        if out is None:
-            out = np.empty((total, *result.shape[1:]), dtype=np.float32)
-        out[start:start + len(chunk)] = result
-        if on_batch is not None:
-            on_batch(min(start + batch_size, total), total)
-    assert out is not None, "no images to extract features from"
-    return out
+    return run_tflite(content, images, batch_size=batch_size, threads=threads, on_batch=on_batch)
