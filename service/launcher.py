@@ -204,6 +204,14 @@ def start_local_redis(base_url: str, workdir: Path, log_file: Path | None = None
     return child, url
 
 
+def ensure_redis(url: str, workdir: Path, log_file: Path | None = None,
+                 sink: Callable[[str, str], None] = say) -> tuple[Child | None, str]:
+    """The Redis at `url` when it answers (no child), else a bundled one started on a free port."""
+    if redis_answers(url):
+        return None, url
+    return start_local_redis(url, workdir, log_file=log_file, sink=sink)
+
+
 def celery_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
     """The one worker command (also in docker-compose.yml): queue `training`, one job at a time."""
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
@@ -269,11 +277,11 @@ class Supervisor:
             self.shutdown()
 
     def _run(self, redis_url: str, log_level: str) -> int:
-        if redis_answers(redis_url):
+        self._workdir = tempfile.TemporaryDirectory(prefix="tl-redis-")
+        child, redis_url = ensure_redis(redis_url, Path(self._workdir.name))
+        if child is None:
             say("launch", f"using the Redis at {redis_url}")
         else:
-            self._workdir = tempfile.TemporaryDirectory(prefix="tl-redis-")
-            child, redis_url = start_local_redis(redis_url, Path(self._workdir.name))
             self.children.append(child)
             say("launch", f"no Redis answered at TL_REDIS_URL; started the bundled redis-server at {redis_url} "
                           "(in memory: jobs are forgotten when it stops, models stay on disk)")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from service.launcher import redis_answers, start_local_redis
+from service.launcher import ensure_redis
 from worker.jobs import EpochRecord, JobStore, Progress, cancel_key, utc_now
 from worker.spec import JobCreate
 from worker.tasks import CANCEL_POLL_SECONDS, PROGRESS_INTERVAL_SECONDS, Heartbeat, JobReporter
@@ -29,10 +29,8 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = f"redis://127.0.0.1:6379/{TEST_DB}"
-    child = None
-    if not redis_answers(url):
-        child, url = start_local_redis(url, tmp_path_factory.mktemp("redis"), sink=lambda name, line: None)
+    child, url = ensure_redis(f"redis://127.0.0.1:6379/{TEST_DB}", tmp_path_factory.mktemp("redis"),
+                              sink=lambda name, line: None)
     yield url
     if child is not None:
         child.stop()

@@ -1,7 +1,7 @@
 """Real processes for the integration tests: Redis, a Celery worker and uvicorn, as `make run` starts them.
 
 - Redis: the one at 127.0.0.1:6379 when it answers (database `TEST_DB`, flushed before and after), else the
-  bundled `redis-server` on a free port (`service.launcher.start_local_redis`, the code `make run` uses);
+  bundled `redis-server` on a free port (`service.launcher.ensure_redis`, the code `make run` uses);
 - one Celery worker (prefork, concurrency 1) and uvicorn `service.main:app` on a free port;
 - artifacts in a temporary directory; `TL_DATA_DIR` / `TL_WEIGHTS_DIR` from the environment; short
   heartbeat and lost-worker times so the lost-worker test finishes in seconds; an API key, so every
@@ -33,9 +33,8 @@ import redis
 from service.launcher import (
     Child,
     celery_worker_argv,
+    ensure_redis,
     free_port,
-    redis_answers,
-    start_local_redis,
     uvicorn_argv,
 )
 
@@ -126,12 +125,8 @@ class Stack:
         return self
 
     def _start_redis(self) -> None:
-        default = f"redis://127.0.0.1:6379/{TEST_DB}"
-        if redis_answers(default):
-            self.redis_url = default
-        else:
-            self.redis_child, self.redis_url = start_local_redis(
-                default, self.tmp, log_file=self.logs / "redis.log")
+        self.redis_child, self.redis_url = ensure_redis(
+            f"redis://127.0.0.1:6379/{TEST_DB}", self.tmp, log_file=self.logs / "redis.log")
         self.redis().flushdb()
 
     def _child_env(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service.launcher import Child, free_port, redis_answers, start_local_redis, uvicorn_argv
+from service.launcher import Child, ensure_redis, free_port, uvicorn_argv
 
 from .harness import API_KEY, cifar10_dir, require_realdata, wait_for
 
@@ -53,10 +53,8 @@ class FuzzServer:
         self.tmp = Path(tempfile.mkdtemp(prefix="tl-fuzz-"))
         self.artifacts = self.tmp / "artifacts"
         self.model_id = train_tiny_model(self.artifacts, env)
-        self.redis_child: Child | None = None
-        url = f"redis://127.0.0.1:6379/{FUZZ_DB}"
-        if not redis_answers(url):
-            self.redis_child, url = start_local_redis(url, self.tmp, log_file=self.tmp / "redis.log")
+        self.redis_child, url = ensure_redis(f"redis://127.0.0.1:6379/{FUZZ_DB}", self.tmp,
+                                             log_file=self.tmp / "redis.log")
         self.redis_url = url
         redis.Redis.from_url(url).flushdb()
         port = free_port()

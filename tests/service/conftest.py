@@ -14,7 +14,7 @@ import redis
 from fastapi.testclient import TestClient
 from svc_helpers import REPO, SERVICE_TEST_DB, data_dir, make_settings
 
-from service.launcher import redis_answers, start_local_redis
+from service.launcher import ensure_redis
 from service.main import create_app
 from worker.config import Settings
 from worker.jobs import JobStore
@@ -23,10 +23,8 @@ from worker.jobs import JobStore
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The local Redis on 6379, or a throwaway redis-server when none answers."""
-    url = f"redis://127.0.0.1:6379/{SERVICE_TEST_DB}"
-    child = None
-    if not redis_answers(url):
-        child, url = start_local_redis(url, tmp_path_factory.mktemp("redis"), sink=lambda name, line: None)
+    child, url = ensure_redis(f"redis://127.0.0.1:6379/{SERVICE_TEST_DB}", tmp_path_factory.mktemp("redis"),
+                              sink=lambda name, line: None)
     yield url
     if child is not None:
         child.stop()
