@@ -72,26 +72,12 @@ def start_stack(models: Sequence[Path] = (), env: dict[str, str] | None = None) 
     """The integration tests' real stack (Redis, one Celery worker, uvicorn) with `models` copied in."""
     os.environ.setdefault("TL_DATA_DIR", str(shared_dir("data")))
     os.environ.setdefault("TL_WEIGHTS_DIR", str(shared_dir("weights")))
-    from service.launcher import start_local_redis
     from tests.integration.harness import Stack
 
-    class PrivateStack(Stack):
-        """The harness's stack on a Redis server of its own (never a database others may be using)."""
-
-        def _start_redis(self) -> None:
-            self.redis_child, self.redis_url = start_local_redis(
-                "redis://127.0.0.1:6379/0", self.tmp, log_file=self.logs / "redis.log")
-
-    stack = PrivateStack()
+    # A Redis server of its own, never a database others may be using.
+    stack = Stack(private_redis=True, extra_env=env)
     for model in models:
         shutil.copytree(model, stack.artifact_dir / "models" / model.name)
-    if env:
-        original = stack._child_env
-
-        def child_env() -> dict[str, str]:
-            return {**original(), **env}
-
-        stack._child_env = child_env  # type: ignore[method-assign]  # bench-only extra settings
     return stack.start()
 
 

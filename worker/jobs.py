@@ -154,11 +154,9 @@ def decode_job(raw: dict[str, str]) -> Job:
             data[name] = json.loads(value) if value else None
         else:
             data[name] = value or None
-    for name in ("history",):
-        if data.get(name) is None:
-            data[name] = []
+    data["history"] = data.get("history") or []
     if data.get("progress") is None:
-        data.pop("progress", None)
+        data.pop("progress", None)  # the model's default
     return Job.model_validate(data)
 
 

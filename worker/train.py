@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from worker.config import Settings, get_settings
 from worker.errors import InvalidSpec, JobCancelled, TrainingError
 from worker.spec import JobCreate
+from worker.training import LogReporter  # no TensorFlow at import: argument errors stay fast
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -86,23 +87,12 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid job:\n" + "\n".join(lines)
 
 
-class _InterruptReporter:
+class _InterruptReporter(LogReporter):
     """The command line's reporter: logs like LogReporter; the first Ctrl-C asks the engine to stop."""
 
     def __init__(self, total_epochs: int) -> None:
-        from worker.training import LogReporter
-
-        self._log = LogReporter(total_epochs=total_epochs)
+        super().__init__(total_epochs=total_epochs)
         self.interrupted = False
-
-    def stage(self, stage: str) -> None:
-        self._log.stage(stage)
-
-    def progress(self, fraction: float) -> None:
-        self._log.progress(fraction)
-
-    def epoch_end(self, record: Any) -> None:
-        self._log.epoch_end(record)
 
     def cancel_requested(self) -> bool:
         return self.interrupted

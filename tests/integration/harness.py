@@ -35,6 +35,7 @@ from service.launcher import (
     celery_worker_argv,
     ensure_redis,
     free_port,
+    start_local_redis,
     uvicorn_argv,
 )
 
@@ -95,7 +96,10 @@ def require_weights() -> None:
 class Stack:
     """Redis + worker + API for tests; `client()` talks to the API with the key."""
 
-    def __init__(self) -> None:
+    def __init__(self, private_redis: bool = False, extra_env: dict[str, str] | None = None) -> None:
+        #: Always start a Redis server of our own (one a test may stop, restart or wipe), never reuse 6379.
+        self.private_redis = private_redis
+        self.extra_env = dict(extra_env or {})  # more TL_* settings for the children (benchmarks)
         self.tmp = Path(tempfile.mkdtemp(prefix="tl-it-"))
         self.logs = self.tmp / "logs"
         self.logs.mkdir()
@@ -125,7 +129,8 @@ class Stack:
         return self
 
     def _start_redis(self) -> None:
-        self.redis_child, self.redis_url = ensure_redis(
+        start = start_local_redis if self.private_redis else ensure_redis
+        self.redis_child, self.redis_url = start(
             f"redis://127.0.0.1:6379/{TEST_DB}", self.tmp, log_file=self.logs / "redis.log")
         self.redis().flushdb()
 
@@ -146,6 +151,7 @@ class Stack:
         weights = mobilenet_weights_dir()
         if weights is not None:
             env["TL_WEIGHTS_DIR"] = str(weights)
+        env.update(self.extra_env)
         return env
 
     def _spawn(self, name: str, argv: list[str]) -> Child:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import Child, local_redis_argv, redis_answers, start_local_redis, uvicorn_argv
+from service.launcher import Child, local_redis_argv, redis_answers, uvicorn_argv
 
 from .harness import (
     BASELINE_SMALL,
@@ -39,9 +39,8 @@ PROBLEM = "application/problem+json"
 class FaultStack(Stack):
     """A Stack whose Redis is always a private server that tests may stop, restart and wipe."""
 
-    def _start_redis(self) -> None:
-        self.redis_child, self.redis_url = start_local_redis(
-            "redis://127.0.0.1:6379/0", self.tmp, log_file=self.logs / "redis.log")
+    def __init__(self) -> None:
+        super().__init__(private_redis=True)
 
     @property
     def redis_port(self) -> int:
