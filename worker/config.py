@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(2.0, ge=0, le=1000, description="micro-batching: wait this long to merge")
     serving_threads: int = Field(2, ge=1, le=256, description="threads of the serving runtime per model")
     feature_cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="disk bound of the feature cache")
+    data_cache: bool = Field(True, description="keep CIFAR-10 decoded (.npy, 184 MB) in the artifact dir")
     job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="worker heartbeat interval")
     job_lost_seconds: float = Field(45.0, gt=0, description="a running job silent this long is failed")
     job_max_seconds: int = Field(6 * 3600, ge=60, description="longest job; Redis visibility timeout exceeds it")
@@ -69,6 +70,14 @@ class Settings(BaseSettings):
     @property
     def feature_cache_dir(self) -> Path:
         return self.artifact_dir / "feature-cache"
+
+    @property
+    def data_cache_dir(self) -> Path:
+        return self.artifact_dir / "data-cache"
+
+    @property
+    def export_template_dir(self) -> Path:
+        return self.artifact_dir / "export-templates"
 
 
 @lru_cache

@@ -6,17 +6,25 @@ Sources, in order (the first that exists wins):
 3. its extracted folder `cifar-10-batches-py/`, in the same places or in Keras' own cache (`~/.keras/datasets`);
 4. `keras.datasets.cifar10.load_data()` (downloads), only when `TL_ALLOW_DOWNLOAD` is true.
 
+Decoding a local source costs a job about a second (npz decompression; the archive and the pickled batches
+more), and every job runs in a fresh process. So the decoded arrays of sources 1-3 are kept as plain .npy
+files under `TL_ARTIFACT_DIR/data-cache/`, named after the source's sha256, and later jobs map them
+(`mmap_mode="r"`) and read only their subset. `TL_DATA_CACHE=false` turns that off.
+
 No TensorFlow here, except inside the Keras download of source 4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import socket
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,13 +131,52 @@ def draw_subsets(dataset: Dataset, train_samples: int, test_samples: int, seed: 
 
 # ----- sources -----
 
-def _npz_split(name: str, path: Path) -> Split:
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data or "y" not in data:
-            raise DataNotFound(f"{path} has no arrays 'x' and 'y'; expected x uint8 Nx32x32x3 and y uint8 (N,)")
-        x, y = data["x"], data["y"]
-    _check_arrays(path, x, y)
-    return Split(name, x, y.astype(np.int64).reshape(-1), file_sha256(path))
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def _decoded(cache_dir: Path | None, identity: str, decode: Callable[[], Arrays]) -> Arrays:
+    """(x, y) of the source split with this identity: mapped from `cache_dir` when stored, else decoded (and
+    stored when there is a cache). A damaged entry is decoded again; a failed store only costs the next job time."""
+    if cache_dir is None:
+        return decode()
+    stem = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    x_path, y_path = cache_dir / f"{stem}.x.npy", cache_dir / f"{stem}.y.npy"
+    if x_path.is_file() and y_path.is_file():
+        try:
+            x, y = np.load(x_path, mmap_mode="r", allow_pickle=False), np.load(y_path, allow_pickle=False)
+            _check_arrays(x_path, x, y)
+            return x, y
+        except (OSError, ValueError, DataNotFound) as exc:
+            log.warning("decoding CIFAR-10 again: cached copy %s unusable (%s)", x_path, exc)
+    x, y = decode()
+    tmp: Path | None = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for path, array in ((y_path, y), (x_path, x)):  # x last: a reader needs both, so x means y is there
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not keep decoded CIFAR-10 under %s: %s", cache_dir, exc)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return x, y
+
+
+def _npz_split(name: str, path: Path, cache_dir: Path | None) -> Split:
+    def decode() -> Arrays:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise DataNotFound(f"{path} has no arrays 'x' and 'y'; expected x uint8 Nx32x32x3 and y uint8 (N,)")
+            x, y = data["x"], data["y"]
+        _check_arrays(path, x, y)
+        return x, y.astype(np.int64).reshape(-1)
+
+    identity = file_sha256(path)
+    x, y = _decoded(cache_dir, f"npz:{identity}", decode)
+    return Split(name, x, y, identity)
 
 
 def _check_arrays(where: Path | str, x: np.ndarray, y: np.ndarray) -> None:
@@ -149,26 +196,29 @@ def _unpickle_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), labels
 
 
-def _batches_dataset(folder: Path) -> Dataset:
+def _batches_dataset(folder: Path, cache_dir: Path | None) -> Dataset:
     splits = {}
     for name, batch_names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
-        xs, ys, digest = [], [], hashlib.sha256()
-        for batch_name in batch_names:
-            path = folder / batch_name
+        paths = [folder / batch_name for batch_name in batch_names]
+        digest = hashlib.sha256()
+        for path in paths:
             digest.update(file_sha256(path).encode())
-            x, y = _unpickle_batch(path.read_bytes(), str(path))
-            xs.append(x)
-            ys.append(y)
-        splits[name] = Split(name, np.concatenate(xs), np.concatenate(ys), digest.hexdigest())
+
+        def decode(paths: list[Path] = paths) -> Arrays:
+            batches = [_unpickle_batch(path.read_bytes(), str(path)) for path in paths]
+            return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+        identity = digest.hexdigest()
+        splits[name] = Split(name, *_decoded(cache_dir, f"batches:{identity}", decode), identity)
     source = {"kind": "cifar-10-batches-py", "path": str(folder),
               "train": {"path": str(folder), "sha256": splits["train"].identity},
               "test": {"path": str(folder / TEST_BATCH), "sha256": splits["test"].identity}}
     return Dataset(splits["train"], splits["test"], source)
 
 
-def _archive_dataset(archive: Path) -> Dataset:
+def _read_archive(archive: Path) -> dict[str, Arrays]:
     wanted = {f"{BATCHES_DIR}/{name}": name for name in (*TRAIN_BATCHES, TEST_BATCH)}
-    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    found: dict[str, Arrays] = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             name = wanted.get(member.name)
@@ -180,10 +230,25 @@ def _archive_dataset(archive: Path) -> Dataset:
     missing = sorted(set(wanted.values()) - set(found))
     if missing:
         raise DataNotFound(f"{archive} lacks {', '.join(missing)}; it is not the official cifar-10-python.tar.gz")
+    return {"train": (np.concatenate([found[n][0] for n in TRAIN_BATCHES]),
+                      np.concatenate([found[n][1] for n in TRAIN_BATCHES])),
+            "test": found[TEST_BATCH]}
+
+
+def _archive_dataset(archive: Path, cache_dir: Path | None) -> Dataset:
     sha = file_sha256(archive)
-    train = Split("train", np.concatenate([found[n][0] for n in TRAIN_BATCHES]),
-                  np.concatenate([found[n][1] for n in TRAIN_BATCHES]), f"{sha}:train")
-    test = Split("test", found[TEST_BATCH][0], found[TEST_BATCH][1], f"{sha}:test")
+    read: dict[str, dict[str, Arrays]] = {}  # the archive is read at most once, for both splits
+
+    def split(name: str) -> Split:
+        def decode() -> Arrays:
+            if not read:
+                read["splits"] = _read_archive(archive)
+            return read["splits"][name]
+
+        identity = f"{sha}:{name}"
+        return Split(name, *_decoded(cache_dir, f"archive:{identity}", decode), identity)
+
+    train, test = split("train"), split("test")
     entry = {"path": str(archive), "sha256": sha}
     return Dataset(train, test, {"kind": "cifar-10-python.tar.gz", "path": str(archive), "train": entry,
                                  "test": entry})
@@ -213,13 +278,14 @@ def _keras_download() -> Dataset:
 def load_cifar10(settings: Settings) -> Dataset:
     """The whole CIFAR-10 dataset from the first source that exists; DataNotFound names every place looked."""
     data_dir = Path(settings.data_dir).expanduser()
+    cache_dir = settings.data_cache_dir if settings.data_cache else None
     looked: list[str] = []
 
     npz_dir = data_dir / NPZ_DIR
     train_npz, test_npz = npz_dir / "train.npz", npz_dir / "test.npz"
     looked.append(f"{train_npz} + {test_npz}")
     if train_npz.is_file() and test_npz.is_file():
-        train, test = _npz_split("train", train_npz), _npz_split("test", test_npz)
+        train, test = _npz_split("train", train_npz, cache_dir), _npz_split("test", test_npz, cache_dir)
         source = {"kind": "npz", "train": {"path": str(train_npz), "sha256": train.identity},
                   "test": {"path": str(test_npz), "sha256": test.identity}}
         return Dataset(train, test, source)
@@ -228,11 +294,11 @@ def load_cifar10(settings: Settings) -> Dataset:
         archive = folder / ARCHIVE_NAME
         looked.append(str(archive))
         if archive.is_file():
-            return _archive_dataset(archive)
+            return _archive_dataset(archive, cache_dir)
     for folder in (data_dir / BATCHES_DIR, npz_dir / BATCHES_DIR, *_keras_cache_dirs()):
         looked.append(f"{folder}/")
         if (folder / TEST_BATCH).is_file():
-            return _batches_dataset(folder)
+            return _batches_dataset(folder, cache_dir)
 
     hint = (f"put train.npz and test.npz (arrays x uint8 Nx32x32x3 RGB, y uint8) in {npz_dir}/, or the official "
             f"{ARCHIVE_NAME} in {data_dir}/ (TL_DATA_DIR)")

@@ -43,11 +43,13 @@ def real_files_present(settings: Settings) -> bool:
 
 
 @pytest.fixture(scope="session")
-def shared_settings() -> Settings:
+def shared_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     settings = _shared_settings()
     if not real_files_present(settings):
         pytest.skip(f"real CIFAR-10 / MobileNetV2 files not found under {settings.data_dir} / {settings.weights_dir}")
-    return settings.model_copy(update={"allow_download": False})
+    # An artifact directory of the session's own, so the decoded-data cache never lands in the checkout.
+    return settings.model_copy(update={"allow_download": False,
+                                       "artifact_dir": tmp_path_factory.mktemp("shared-artifacts")})
 
 
 @pytest.fixture

@@ -87,7 +87,8 @@ def _official_batches(folder: Path, per_batch: int = 20) -> dict[str, tuple[np.n
 
 def test_reads_the_official_python_batches_folder(tmp_path: Path, isolated_home: Path) -> None:
     written = _official_batches(tmp_path / "data" / BATCHES_DIR)
-    dataset = load_cifar10(Settings(data_dir=tmp_path / "data", allow_download=False))
+    dataset = load_cifar10(Settings(data_dir=tmp_path / "data", artifact_dir=tmp_path / "artifacts",
+                                   allow_download=False))
     assert dataset.source["kind"] == "cifar-10-batches-py"
     assert len(dataset.train) == 5 * 20 and len(dataset.test) == 20
     assert np.array_equal(dataset.train.x[:20], written["data_batch_1"][0])
@@ -99,9 +100,46 @@ def test_reads_the_official_archive(tmp_path: Path, isolated_home: Path) -> None
     (tmp_path / "data").mkdir()
     with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / BATCHES_DIR, arcname=BATCHES_DIR)
-    dataset = load_cifar10(Settings(data_dir=tmp_path / "data", allow_download=False))
+    dataset = load_cifar10(Settings(data_dir=tmp_path / "data", artifact_dir=tmp_path / "artifacts",
+                                   allow_download=False))
     assert dataset.source["kind"] == "cifar-10-python.tar.gz"
     assert np.array_equal(dataset.train.x[-20:], written["data_batch_5"][0])
     assert np.array_equal(dataset.test.x, written[TEST_BATCH][0])
     with pytest.raises(InvalidSpec, match="holds only 20 images"):
         draw_subsets(dataset, 100, 100, seed=0)
+
+
+@pytest.mark.parametrize("source", ["npz", "archive"])
+def test_decoded_arrays_are_kept_and_mapped_by_later_loads(tmp_path: Path, isolated_home: Path, source: str) -> None:
+    """The first load stores the decoded arrays under data-cache/; the next maps them and gives the same data."""
+    data = tmp_path / "data"
+    written = _official_batches(tmp_path / "src" / BATCHES_DIR)
+    if source == "npz":
+        (data / "cifar10").mkdir(parents=True)
+        for name, batches in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
+            np.savez_compressed(data / "cifar10" / f"{name}.npz",
+                                x=np.concatenate([written[b][0] for b in batches]),
+                                y=np.concatenate([written[b][1] for b in batches]).astype(np.uint8))
+    else:
+        data.mkdir()
+        with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / "src" / BATCHES_DIR, arcname=BATCHES_DIR)
+    settings = Settings(data_dir=data, artifact_dir=tmp_path / "artifacts", allow_download=False)
+
+    first = load_cifar10(settings)
+    stored = sorted(p.name for p in settings.data_cache_dir.iterdir())
+    assert len(stored) == 4 and all(name.endswith((".x.npy", ".y.npy")) for name in stored)
+    second = load_cifar10(settings)
+    assert isinstance(second.train.x, np.memmap) and not isinstance(first.train.x, np.memmap)
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) and a.identity == b.identity
+        assert b.y.dtype == np.int64
+
+    # A damaged entry is decoded again (and replaced); turning the cache off never touches it.
+    damaged = next(settings.data_cache_dir.glob("*.x.npy"))
+    damaged.write_bytes(b"not an array")
+    third = load_cifar10(settings)
+    assert np.array_equal(third.train.x, first.train.x) and np.array_equal(third.test.x, first.test.x)
+    assert np.load(damaged).shape[1:] == (32, 32, 3)
+    off = load_cifar10(settings.model_copy(update={"data_cache": False}))
+    assert not isinstance(off.train.x, np.memmap)
