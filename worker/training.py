@@ -13,6 +13,8 @@ Stages, in order: loading_data, extracting_features (transfer; skipped on a cach
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -27,6 +29,7 @@ from worker.config import Settings
 from worker.data import Dataset, Subset, draw_subsets, load_cifar10, take
 from worker.errors import ArtifactWriteError, JobCancelled
 from worker.jobs import EpochRecord, Metrics, new_model_id, utc_now
+from worker.loop import CHUNK_BATCHES, TrainingLoop, loss_and_accuracy
 from worker.runtime import RuntimeInfo, configure_tensorflow
 from worker.spec import CLASS_NAMES, JobCreate
 
@@ -34,14 +37,16 @@ log = logging.getLogger(__name__)
 
 STAGES = ("loading_data", "extracting_features", "training", "fine_tuning", "evaluating", "saving")
 
-#: Head batches per compiled call. Measured on 2 CPU cores (5000 images, batch 32): 8 steps per execution is
-#: ~15 % faster per epoch than 1, but Keras then calls batch callbacks only every 8 batches, and the Reporter
-#: contract is a cancel check on every batch. XLA (`jit_compile`) is 15x slower than graph mode on this CPU.
-HEAD_STEPS_PER_EXECUTION = 1
+#: Batch size for evaluating models that take images (the head on features uses worker.loop's default).
+IMAGE_EVAL_BATCH = 256
 
 
 class Reporter(Protocol):
-    """What the engine tells its caller, and the one thing it asks (whether to stop)."""
+    """What the engine tells its caller, and the one thing it asks (whether to stop).
+
+    `cancel_requested` is asked between chunks of batches (worker.loop.CHUNK_BATCHES, a fraction of a second
+    of work) and between batches of feature extraction and evaluation.
+    """
 
     def stage(self, stage: str) -> None: ...
 
@@ -174,47 +179,7 @@ def _stage_weights(spec: JobCreate) -> dict[str, float]:
     return weights
 
 
-# ----- Keras plumbing -----
-
-def _epoch_callback(progress: _Progress, epochs_in_phase: int, first_epoch: int,
-                    history: list[EpochRecord]) -> Any:
-    import keras
-
-    reporter = progress.reporter
-
-    class _Bridge(keras.callbacks.Callback):
-        """Per batch: cancel check and progress; per epoch: the history record."""
-
-        def on_train_begin(self, logs: Any = None) -> None:
-            self._steps = max(int(self.params.get("steps") or 1), 1)
-            self._epoch_index = 0
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self._epoch_started = time.perf_counter()
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            progress.check_cancel()
-            progress.within((self._epoch_index + (batch + 1) / self._steps) / epochs_in_phase)
-
-        def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
-            progress.check_cancel()
-
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = logs or {}
-            record = EpochRecord(
-                epoch=first_epoch + self._epoch_index,
-                loss=float(logs["loss"]),
-                accuracy=float(logs["accuracy"]),
-                val_loss=float(logs["val_loss"]),
-                val_accuracy=float(logs["val_accuracy"]),
-                seconds=round(time.perf_counter() - self._epoch_started, 3),
-            )
-            self._epoch_index += 1
-            history.append(record)
-            reporter.epoch_end(record)
-
-    return _Bridge()
-
+# ----- optimisation -----
 
 def fused_adam(learning_rate: float) -> Any:
     """Adam whose update is TensorFlow's fused ResourceApplyAdam kernel (same formula, one pass over memory).
@@ -244,22 +209,6 @@ def fused_adam(learning_rate: float) -> Any:
             )
 
     return FusedAdam(learning_rate=learning_rate)
-
-
-def _compile(model: Any, optimizer: Any, steps_per_execution: int = 1) -> None:
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution)
-
-
-def _loss_and_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Sparse categorical cross-entropy (Keras' clipping) and accuracy of predicted probabilities."""
-    eps = 1e-7  # keras.config.epsilon(), as Keras' cross-entropy clips
-    picked = np.clip(probs[np.arange(len(labels)), labels].astype(np.float64), eps, 1 - eps)
-    return float(-np.mean(np.log(picked))), float(np.mean(probs.argmax(axis=1) == labels))
-
-
-def _images(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32)
 
 
 # ----- the job -----
@@ -305,7 +254,7 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
                                   weights, x_train, y_train, x_test, y_test)
 
     progress.enter("evaluating")
-    test_loss, test_accuracy = _loss_and_accuracy(outcome.test_probs, y_test)
+    test_loss, test_accuracy = loss_and_accuracy(outcome.test_probs, y_test)
     from worker.models import count_params
 
     params = count_params(outcome.model)
@@ -316,7 +265,8 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     store = ModelStore(settings.artifact_dir)
     with store.staging(model_id) as staging:
         try:
-            export = _write_model_files(outcome, spec, staging, test_accuracy, x_test, progress)
+            export = _write_model_files(outcome, spec, staging, test_accuracy, x_test, progress,
+                                        _export_template(spec, settings, weights, runtime))
         except OSError as exc:
             raise ArtifactWriteError(
                 f"cannot write the model files of {model_id} under {store.models_dir}: {exc}; check free space "
@@ -346,15 +296,32 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     return TrainResult(model_id=model_id, model_dir=model_dir, metrics=metrics, metadata=metadata)
 
 
+def _export_template(spec: JobCreate, settings: Settings, weights: Any, runtime: RuntimeInfo) -> dict[str, Any]:
+    """Where and under which key the TFLite export may reuse an earlier conversion (worker.export).
+
+    Two transfer models without fine-tuning that share this key differ only in their head's Dense weights, so
+    the second .tflite is the first one's bytes with those weights written over (checked like any export).
+    """
+    if spec.model != "transfer" or spec.fine_tuning or weights is None:
+        return {}
+    from worker.models import head_layer_names
+
+    key = json.dumps({"weights_sha256": weights.sha256, "image_size": spec.image_size, "alpha": float(spec.alpha),
+                      "dense_units": list(spec.dense_units), "tensorflow": runtime.tensorflow_version,
+                      "keras": runtime.keras_version}, sort_keys=True)
+    return {"template_dir": settings.export_template_dir, "template_key": hashlib.sha256(key.encode()).hexdigest(),
+            "patch_layers": head_layer_names(spec)}
+
+
 def _write_model_files(outcome: _Outcome, spec: JobCreate, staging: Path, test_accuracy: float,
-                       x_test: np.ndarray, progress: _Progress) -> dict[str, Any]:
+                       x_test: np.ndarray, progress: _Progress, template: dict[str, Any]) -> dict[str, Any]:
     """model.keras, model.tflite (when its check passes) and curves.png; returns the export record."""
     from worker.export import export_tflite, save_keras
     from worker.plots import plot_curves
 
     save_keras(outcome.model, staging)
     progress.within(0.2)
-    export = export_tflite(outcome.model, x_test, outcome.test_probs, staging)
+    export = export_tflite(outcome.model, x_test, outcome.test_probs, staging, **template)
     progress.within(0.8)
     plot_curves(outcome.history, spec.model, test_accuracy, staging / CURVES_FILE,
                 fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
@@ -369,33 +336,28 @@ def _train_baseline(spec: JobCreate, progress: _Progress, x_train: np.ndarray, y
     from worker.models import build_baseline
 
     model = build_baseline(spec)
-    _compile(model, keras.optimizers.Adam(learning_rate=spec.learning_rate))
-    history: list[EpochRecord] = []
     progress.enter("training")
-    test_images = _images(x_test)
-    model.fit(_images(x_train), y_train, batch_size=spec.batch_size, epochs=spec.epochs,
-              validation_data=(test_images, y_test), shuffle=True, verbose=0,
-              callbacks=[_epoch_callback(progress, spec.epochs, 1, history)])
-    progress.enter("evaluating")
-    probs = _predict(model, test_images, progress)
-    return _Outcome(model, history, probs, "full model on the test images",
-                    {"optimizer": "Adam", "steps_per_execution": 1})
+    loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=spec.learning_rate), spec.batch_size,
+                        validation_batch=IMAGE_EVAL_BATCH)
+    result = _run_loop(loop, progress, x_train, y_train, x_test, y_test, epochs=spec.epochs, seed=spec.seed)
+    # The last epoch's validation pass ran the final weights on the test images: those are the test results.
+    return _Outcome(model, result.history, result.val_probs, "full model on the test images",
+                    {"optimizer": "Adam", **_loop_record()})
 
 
-def _predict(model: Any, images: np.ndarray, progress: _Progress, batch_size: int = 256) -> np.ndarray:
-    """Probabilities in batches, with the cancel check between batches."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(batch: tf.Tensor) -> tf.Tensor:
-        return model(batch, training=False)
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        out.append(run(tf.constant(images[start:start + batch_size])).numpy())
+def _run_loop(loop: TrainingLoop, progress: _Progress, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
+              y_val: np.ndarray, *, epochs: int, seed: int, first_epoch: int = 1) -> Any:
+    def after_chunk(fraction: float) -> None:
         progress.check_cancel()
-        progress.within(min(start + batch_size, len(images)) / len(images))
-    return np.concatenate(out).astype(np.float32)
+        progress.within(fraction)
+
+    return loop.fit(x, y, x_val, y_val, epochs=epochs, seed=seed, first_epoch=first_epoch,
+                    after_chunk=after_chunk, on_epoch=progress.reporter.epoch_end)
+
+
+def _loop_record() -> dict[str, Any]:
+    return {"loop": "worker.loop.TrainingLoop (fit semantics, compiled chunks of batches)",
+            "batches_per_call": CHUNK_BATCHES, "shuffle": "worker.loop.epoch_order(seed, epoch, n)"}
 
 
 def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, progress: _Progress,
@@ -464,42 +426,33 @@ def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, p
             done_before += len(images) * cost[litert]
             cache.store(key, features[split_name])
 
-    history: list[EpochRecord] = []
     progress.enter("training")
-    _compile(head, fused_adam(spec.learning_rate), HEAD_STEPS_PER_EXECUTION)
-    # Validation in large batches: the same numbers, a sixth of the steps per epoch.
-    head.fit(features["train"], y_train, batch_size=spec.batch_size, epochs=spec.epochs,
-             validation_data=(features["test"], y_test), validation_batch_size=1024, shuffle=True, verbose=0,
-             callbacks=[_epoch_callback(progress, spec.epochs, 1, history)])
+    loop = TrainingLoop(head, fused_adam(spec.learning_rate), spec.batch_size)
+    result = _run_loop(loop, progress, features["train"], y_train, features["test"], y_test, epochs=spec.epochs,
+                       seed=spec.seed)
+    history = list(result.history)
     copy_head_weights(head, transfer.model, spec)
     extra: dict[str, Any] = {"fast_path": "frozen-base features, head trained on them", "feature_cache": cache_report,
                              "feature_extractor": extractors,
-                             "optimizer": "Adam (fused kernel) for the head",
-                             "steps_per_execution": HEAD_STEPS_PER_EXECUTION}
+                             "optimizer": "Adam (fused kernel) for the head", **_loop_record()}
 
     if not spec.fine_tuning:
-        progress.enter("evaluating")
         # The saved model computes head(base(preprocess(resize(x)))); the base part is exactly the features
-        # already computed for these test images, so the head on them gives the full model's probabilities
-        # (tests/worker check this against model.predict on the images).
-        probs = head.predict(features["test"], batch_size=1024, verbose=0).astype(np.float32)
-        return _Outcome(transfer.model, history, probs, "head on the test images' base features", extra)
+        # already computed for these test images, so the head on them (the last epoch's validation pass) gives
+        # the full model's probabilities (tests/worker check this against model.predict on the images).
+        return _Outcome(transfer.model, history, result.val_probs, "head on the test images' base features", extra)
 
     progress.enter("fine_tuning")
     unfrozen = unfreeze_top(transfer.base, spec.fine_tune_layers)
-    _compile(transfer.model, keras.optimizers.Adam(learning_rate=spec.fine_tune_learning_rate))
-    test_images = _images(x_test)
-    transfer.model.fit(
-        _images(x_train), y_train, batch_size=spec.batch_size, epochs=spec.epochs + spec.fine_tune_epochs,
-        initial_epoch=spec.epochs, validation_data=(test_images, y_test), shuffle=True, verbose=0,
-        callbacks=[_epoch_callback(progress, spec.fine_tune_epochs, spec.epochs + 1, history)],
-    )
+    tuning = TrainingLoop(transfer.model, keras.optimizers.Adam(learning_rate=spec.fine_tune_learning_rate),
+                          spec.batch_size, validation_batch=IMAGE_EVAL_BATCH)
+    tuned = _run_loop(tuning, progress, x_train, y_train, x_test, y_test, epochs=spec.fine_tune_epochs,
+                      seed=spec.seed, first_epoch=spec.epochs + 1)
+    history.extend(tuned.history)
     extra["fine_tuning"] = {"layers": spec.fine_tune_layers, "layers_with_weights_unfrozen": unfrozen,
                             "batch_normalization": "frozen, inference mode", "optimizer": "Adam",
                             "learning_rate": spec.fine_tune_learning_rate}
-    progress.enter("evaluating")
-    probs = _predict(transfer.model, test_images, progress)
-    return _Outcome(transfer.model, history, probs, "full model on the test images", extra)
+    return _Outcome(transfer.model, history, tuned.val_probs, "full model on the test images", extra)
 
 
 def _metadata(spec: JobCreate, model_id: str, job_id: str | None, metrics: Metrics, params: dict[str, int],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import keras
@@ -14,6 +15,7 @@ from worker.config import Settings
 from worker.data import draw_subsets, load_cifar10, take
 from worker.errors import ArtifactWriteError, JobCancelled
 from worker.export import tflite_predict
+from worker.loop import CHUNK_BATCHES
 from worker.spec import CLASS_NAMES, JobCreate
 from worker.training import TrainResult, train_job
 
@@ -90,8 +92,8 @@ def test_baseline_metadata_and_progress(baseline_run: tuple[TrainResult, Any]) -
     assert reporter.stages == ["loading_data", "training", "evaluating", "saving"]
     assert [r.epoch for r in reporter.epochs] == [1, 2]
     assert reporter.fractions == sorted(reporter.fractions) and reporter.fractions[-1] == 1.0
-    # consulted at least once per training batch: 2 epochs of ceil(400 / 32) batches, plus validation batches
-    assert reporter.checks_in_stage["training"] >= 2 * 13
+    # consulted after every chunk of batches and every validation batch: 2 epochs of ceil(400 / 32) = 13 batches
+    assert reporter.checks_in_stage["training"] >= 2 * (math.ceil(13 / CHUNK_BATCHES) + 1)
 
 
 def test_transfer_metadata_records_weights_and_cache(transfer_run: tuple[TrainResult, Any]) -> None:
@@ -153,10 +155,10 @@ def test_second_transfer_job_hits_the_feature_cache_and_agrees(
 
 
 def test_cancel_during_training_keeps_no_model(recording_reporter: Any, settings: Settings) -> None:
-    reporter = recording_reporter(cancel_after=3, cancel_in_stage="training")
+    reporter = recording_reporter(cancel_after=0, cancel_in_stage="training")
     with pytest.raises(JobCancelled):
         train_job(BASELINE.model_copy(update={"epochs": 5}), settings, reporter)
-    assert reporter.checks_in_stage["training"] == 4  # stopped at the first check that said yes
+    assert reporter.checks_in_stage["training"] == 1  # stopped at the first check, after the first chunk
     assert reporter.epochs == []
     assert _model_entries(settings) == []
 
