@@ -55,6 +55,11 @@ class TrainingLoop:
         self.batch_size = batch_size
         self.validation_batch = validation_batch
         self.chunk_batches = chunk_batches
+        if keras.config.dtype_policy().name == "mixed_float16" and not isinstance(
+                optimizer, keras.optimizers.LossScaleOptimizer):
+            # What compile() does under mixed precision: float16 gradients need a dynamic loss scale.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
         variables = model.trainable_variables
         optimizer.build(variables)
         # One trace each: a fixed signature with an open batch dimension (a chunk's last batch, an epoch's last
@@ -64,9 +69,10 @@ class TrainingLoop:
 
         def step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             with tf.GradientTape() as tape:
-                probs = model(x, training=True)
+                probs = tf.cast(model(x, training=True), tf.float32)  # float16 outputs under mixed precision
                 loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
-            optimizer.apply(tape.gradient(loss, variables), variables)
+                scaled = optimizer.scale_loss(loss)  # the loss itself unless a LossScaleOptimizer
+            optimizer.apply(tape.gradient(scaled, variables), variables)
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, axis=1, output_type=tf.int32), y), tf.float32))
             return loss * tf.cast(tf.shape(y)[0], tf.float32), correct
 
@@ -87,7 +93,7 @@ class TrainingLoop:
 
         @tf.function(input_signature=[images])
         def infer(x: tf.Tensor) -> tf.Tensor:
-            return model(x, training=False)
+            return tf.cast(model(x, training=False), tf.float32)
 
         self._run_chunk = run_chunk
         self._infer = infer

@@ -99,3 +99,22 @@ def test_progress_reaches_one_through_every_chunk_and_validation_batch() -> None
     # per epoch: 7 batches -> 4 chunks, then 3 validation batches of at most 40
     assert len(seen) == 2 * (4 + 3)
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+
+
+def test_under_mixed_precision_the_optimizer_gets_a_loss_scale() -> None:
+    """As compile() does: float16 gradients need a dynamic loss scale, or small ones vanish."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        x, y = _data(64, seed=5)
+        model = _model(3)
+        loop = TrainingLoop(model, keras.optimizers.Adam(1e-2), BATCH)
+        assert isinstance(loop.optimizer, keras.optimizers.LossScaleOptimizer)
+        before = [w.copy() for w in model.get_weights()]
+        result = loop.fit(x, y, x, y, epochs=1, seed=0)
+        assert np.isfinite(result.history[0].loss)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert not isinstance(TrainingLoop(_model(3), keras.optimizers.Adam(), BATCH).optimizer,
+                          keras.optimizers.LossScaleOptimizer)
