@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 RUNNING = ("running",)
 ACTIVE_RUN = ("running", "cancelling")
 
-#: Progress writes to Redis at most this often (the engine may report every batch).
+#: Progress writes to Redis at most this often (the engine may report several times a second).
 PROGRESS_INTERVAL_SECONDS = 0.5
-#: The cancel flag is read from Redis at most this often (the engine asks every batch).
+#: The cancel flag is read from Redis at most this often (the engine asks several times a second).
 CANCEL_POLL_SECONDS = 0.2
 
 
