@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     allow_download: bool = Field(True, description="let Keras download CIFAR-10 / weights when no local copy")
     model_cache_size: int = Field(4, ge=1, le=256, description="models kept loaded for predict (LRU)")
     batch_window_ms: float = Field(2.0, ge=0, le=1000, description="micro-batching: wait this long to merge")
-    serving_threads: int = Field(2, ge=1, le=256, description="threads of the serving runtime per model")
+    serving_threads: int = Field(2, ge=1, le=256, description="LiteRT threads for batches of 32+ images (1 below)")
     feature_cache_max_bytes: int = Field(2 * 1024**3, ge=0, description="disk bound of the feature cache")
     data_cache: bool = Field(True, description="keep CIFAR-10 decoded (.npy, 184 MB) in the artifact dir")
     job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="worker heartbeat interval")

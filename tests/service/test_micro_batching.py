@@ -11,7 +11,7 @@ import pytest
 from svc_helpers import add_model, cifar_test_images
 
 from service.errors import ModelNotFound
-from service.inference import MicroBatcher, ModelCache, TFLiteRunner, load_runner
+from service.inference import MULTI_THREAD_MIN_BATCH, MicroBatcher, ModelCache, TFLiteRunner, load_runner
 from worker.artifacts import TFLITE_FILE, ModelStore
 
 pytestmark = pytest.mark.realdata
@@ -85,10 +85,30 @@ def test_a_failing_batch_fails_each_of_its_requests(trained_model: Path) -> None
 def test_the_runner_is_resized_only_when_the_batch_size_changes(trained_model: Path, images: np.ndarray) -> None:
     runner = TFLiteRunner(trained_model / TFLITE_FILE, threads=2)
     first = runner.predict(images[:5])
-    assert runner._batch == 5
+    assert runner.interpreter_for(5).batch == 5
     np.testing.assert_allclose(runner.predict(images[:5]), first, atol=1e-6)
     np.testing.assert_allclose(runner.predict(images[:1]), first[:1], atol=1e-5)
-    assert runner._batch == 1
+    assert runner.interpreter_for(1).batch == 1
+
+
+def test_small_batches_run_on_one_thread_and_large_ones_on_the_configured_threads(trained_model: Path,
+                                                                                  images: np.ndarray) -> None:
+    runner = TFLiteRunner(trained_model / TFLITE_FILE, threads=2)
+    small, large = MULTI_THREAD_MIN_BATCH - 1, MULTI_THREAD_MIN_BATCH
+    assert runner.interpreter_for(1).threads == runner.interpreter_for(small).threads == 1
+    assert runner.interpreter_for(large).threads == runner.interpreter_for(64).threads == 2
+    together = runner.predict(images[:large])  # one large batch, on two threads
+    apart = np.concatenate([runner.predict(images[:small]), runner.predict(images[small:large])])
+    np.testing.assert_allclose(together, apart, atol=1e-5)
+    assert runner.interpreter_for(large).batch == large and runner.interpreter_for(small).batch == 1
+
+
+def test_a_single_threaded_runner_uses_one_interpreter_for_every_batch_size(trained_model: Path,
+                                                                            images: np.ndarray) -> None:
+    runner = TFLiteRunner(trained_model / TFLITE_FILE, threads=1)
+    runner.predict(images[:64])
+    assert runner.interpreter_for(64) is runner.interpreter_for(1)
+    assert runner.interpreter_for(1).threads == 1 and runner.interpreter_for(1).batch == 64
 
 
 def test_concurrent_first_requests_load_a_model_once(artifact_dir: Path, trained_model: Path,
