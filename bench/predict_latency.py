@@ -8,7 +8,12 @@
 2. Over HTTP, against a real stack (Redis, a Celery worker, uvicorn; the same processes `make run` starts)
    serving that model: single-image p50/p95/p99 (multipart PNG and JSON base64), images/s for batches of
    1, 8 and 64, and throughput with 1, 4 and 16 concurrent clients (each client a process of its own,
-   sending single-image requests back to back).
+   sending single-image requests back to back). For each client count also: the CPU time per request spent
+   by the API server, by the clients and by everything else on the machine (the worker, Redis, this script,
+   other users; `/proc`), how many cores were busy on average, the mean micro-batch the server formed (its
+   `tl_predict_batch_images` histogram), and the CPU ceiling, cores / CPU per request: no server answers
+   faster than that on this machine while the clients share its cores (`w/o other`: if nothing else ran).
+   The last column, ceiling over one client's throughput, is the most the client-count scaling could reach.
 
 Goals (issue 6): HTTP single-image p50 <= 1/10 of in-process `model.predict` p50; batches of 64 over HTTP
 >= 400 images/s; 16 clients >= 3x one client's throughput. Printed, never asserted.
@@ -25,6 +30,8 @@ from typing import Any
 import numpy as np
 from _common import ensure_model, percentiles, png, print_json, print_table, start_stack, test_images, timed
 from _loadgen import run_clients
+
+CLIENT_COUNTS = (1, 4, 16)
 
 
 def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
@@ -59,7 +66,32 @@ def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
     return results
 
 
-def http(base_url: str, headers: dict[str, str], repeat: int) -> dict[str, Any]:
+def batch_totals(client: Any) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from its `tl_predict_batch_images` histogram."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in client.get("/metrics").raise_for_status().text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("tl_predict_batch_images_sum", "tl_predict_batch_images_count"):
+            totals[name.rsplit("_", 1)[1]] = float(value)
+    return totals["sum"], totals["count"]
+
+
+def under_load(client: Any, base_url: str, headers: dict[str, str], files: list[bytes], count: int, total: int,
+               server_pid: int) -> dict[str, Any]:
+    """Throughput, latency, CPU per request and mean micro-batch with `count` concurrent clients."""
+    images_before, batches_before = batch_totals(client)
+    load = run_clients(base_url, headers, files, count, total, server_pids=[server_pid])
+    images_after, batches_after = batch_totals(client)
+    if load.errors:
+        raise RuntimeError(f"{len(load.errors)} errors with {count} clients, first: {load.errors[0]}")
+    assert load.cpu is not None
+    batches = batches_after - batches_before
+    return {"requests_per_s": load.requests_per_s, "latency": percentiles(load.latencies),
+            "mean_batch_images": (images_after - images_before) / batches if batches else 0.0,
+            "cores": load.cpu.cores, **load.cpu.per_request(len(load.latencies))}
+
+
+def http(base_url: str, headers: dict[str, str], repeat: int, server_pid: int) -> dict[str, Any]:
     import httpx
 
     x, _ = test_images(64, seed=2)
@@ -82,13 +114,12 @@ def http(base_url: str, headers: dict[str, str], repeat: int) -> dict[str, Any]:
             samples = timed(lambda n=n: multipart(n), reps)
             results[f"batch{n}_images_per_s"] = n * len(samples) / sum(samples)
 
-    total = max(160, 2 * repeat)
-    for count in (1, 4, 16):
-        load = run_clients(base_url, headers, files, count, total)
-        if load.errors:
-            raise RuntimeError(f"{len(load.errors)} errors with {count} clients, first: {load.errors[0]}")
-        results[f"clients{count}_requests_per_s"] = load.requests_per_s
-        results[f"clients{count}_latency"] = percentiles(load.latencies)
+        total = max(160, 2 * repeat)
+        for count in CLIENT_COUNTS:
+            load = under_load(client, base_url, headers, files, count, total, server_pid)
+            results[f"clients{count}_requests_per_s"] = load.pop("requests_per_s")
+            results[f"clients{count}_latency"] = load.pop("latency")
+            results[f"clients{count}_cpu"] = load
     return results
 
 
@@ -109,7 +140,7 @@ def main() -> None:
         try:
             from tests.integration.harness import API_KEY
 
-            remote = http(stack.base_url, {"Authorization": f"Bearer {API_KEY}"}, repeat)
+            remote = http(stack.base_url, {"Authorization": f"Bearer {API_KEY}"}, repeat, stack.api.pid)
         finally:
             stack.stop()
 
@@ -123,13 +154,26 @@ def main() -> None:
     print_table("HTTP single image (ms)", ["body", "p50", "p95", "p99"], rows)
     rows = [[k, v] for k, v in remote.items() if k.endswith("_per_s")]
     print_table("HTTP throughput", ["what", "per second"], rows)
+    one = remote["clients1_requests_per_s"]
+    rows = []
+    for count in CLIENT_COUNTS:
+        cpu = remote[f"clients{count}_cpu"]
+        rows.append([count, remote[f"clients{count}_requests_per_s"], remote[f"clients{count}_latency"]["p50_ms"],
+                     cpu["mean_batch_images"], cpu["server_cpu_ms"], cpu["clients_cpu_ms"], cpu["other_cpu_ms"],
+                     cpu["total_cpu_ms"], cpu["busy_cores"], cpu["ceiling_requests_per_s"],
+                     cpu["ceiling_server_clients_requests_per_s"], cpu["ceiling_requests_per_s"] / one])
+    print_table(f"HTTP single-image load: CPU ms per request (server, clients, everything else) and the ceiling "
+                f"cores / CPU ms per request ({remote['clients1_cpu']['cores']} cores)",
+                ["clients", "req/s", "p50 ms", "mean batch", "server", "clients", "other", "total", "busy cores",
+                 "ceiling req/s", "ceiling w/o other", "ceiling / 1-client req/s"], rows)
     ratio = remote["single_multipart"]["p50_ms"] / local["keras_predict"]["p50_ms"]
-    scaling = remote["clients16_requests_per_s"] / remote["clients1_requests_per_s"]
+    scaling = remote["clients16_requests_per_s"] / one
+    reachable = remote["clients16_cpu"]["ceiling_requests_per_s"] / one
     print(f"\nHTTP p50 / model.predict p50 = {ratio:.3f} (goal <= 0.1); batch 64: "
           f"{remote['batch64_images_per_s']:.0f} images/s (goal >= 400); 16 clients / 1 client = {scaling:.2f}x "
-          "(goal >= 3x)")
+          f"(goal >= 3x; at the 16-client CPU cost per request this machine allows at most {reachable:.2f}x)")
     print_json("predict_latency", {"in_process": local, "http": remote, "http_p50_over_predict_p50": ratio,
-                                   "clients16_over_clients1": scaling})
+                                   "clients16_over_clients1": scaling, "clients16_ceiling_over_clients1": reachable})
 
 
 if __name__ == "__main__":
