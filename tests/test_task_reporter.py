@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -11,7 +13,14 @@ import redis
 from service.launcher import ensure_redis
 from worker.jobs import EpochRecord, JobStore, Progress, cancel_key, utc_now
 from worker.spec import JobCreate
-from worker.tasks import CANCEL_POLL_SECONDS, PROGRESS_INTERVAL_SECONDS, Heartbeat, JobReporter
+from worker.tasks import (
+    CANCEL_POLL_SECONDS,
+    PROGRESS_INTERVAL_SECONDS,
+    Heartbeat,
+    JobReporter,
+    WorkerStopped,
+    _StopOnSigterm,
+)
 
 #: Our own database index (service tests use 12, integration tests 13).
 TEST_DB = 14
@@ -146,3 +155,20 @@ def test_heartbeat_stamps_the_job_until_stopped(store: JobStore) -> None:
     assert store.get_raw(job_id)["worker"] == "w1@host"
     assert float(store.get_raw(job_id)["heartbeat_at"]) == stopped  # no beat after the job
 
+
+
+def test_sigterm_during_a_job_stops_it_at_the_next_cancel_check_even_inside_a_swallowing_except(
+        store: JobStore) -> None:
+    """The handler only flags; the next check raises WorkerStopped, which no best-effort `except` can eat."""
+    reporter = JobReporter(store, running_job(store), Progress(stage="training"))
+    previous = signal.getsignal(signal.SIGTERM)
+    with _StopOnSigterm(reporter):
+        try:  # what a best-effort write does: a raise from the handler here would be lost
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in the main thread at the next bytecode
+        except Exception:
+            pytest.fail("the SIGTERM handler raised where the engine was, not at a cancel check")
+        assert reporter.stop_requested
+        with pytest.raises(WorkerStopped, match="SIGTERM"):
+            reporter.cancel_requested()
+    assert signal.getsignal(signal.SIGTERM) is previous  # restored after the job

@@ -93,6 +93,9 @@ class JobReporter:
         self._last_cancel_check = float("-inf")
         self._cancel = False
         self.detached = False
+        #: Set by the SIGTERM handler (`_StopOnSigterm`); a plain flag, since a signal handler must not take
+        #: the lock the interrupted code may hold.
+        self.stop_requested = False
 
     @property
     def snapshot(self) -> Progress:
@@ -120,6 +123,8 @@ class JobReporter:
             self._write({"progress": self._progress, "history": list(self._history)})
 
     def cancel_requested(self) -> bool:
+        if self.stop_requested:  # raised here, where the engine asks, so no `except Exception` can swallow it
+            raise WorkerStopped("the worker was stopped (SIGTERM) while this job ran; submit the job again")
         with self._lock:
             if self._cancel or self.detached:
                 return True
@@ -175,23 +180,28 @@ class Heartbeat:
 class _StopOnSigterm:
     """While a job runs, turn SIGTERM into `WorkerStopped` so the job ends `failed` with a clear reason.
 
+    The handler only flags the reporter; the engine's next cancel check (a fraction of a second later) raises
+    `WorkerStopped`. Raising from the handler itself would surface wherever the main thread happened to be,
+    e.g. inside a best-effort progress write whose `except Exception` would swallow it and train on.
     Celery resets SIGTERM to its default action in pool children; this handler is installed only for the
     duration of one job and only in the main thread (where signal handlers run).
     """
 
+    def __init__(self, reporter: JobReporter) -> None:
+        self._reporter = reporter
+
     def __enter__(self) -> _StopOnSigterm:
         self._previous: Any = None
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
+            self._previous = signal.signal(signal.SIGTERM, self._flag)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    @staticmethod
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise WorkerStopped("the worker was stopped (SIGTERM) while this job ran; submit the job again")
+    def _flag(self, signum: int, frame: FrameType | None) -> None:
+        self._reporter.stop_requested = True
 
 
 def _error_fields(exc: BaseException) -> dict[str, Any]:
@@ -279,7 +289,7 @@ def run_job(job_id: str, worker_name: str, settings: Settings | None = None) -> 
     reporter = JobReporter(store, job_id, progress)
     outcome: str | None = None
     try:
-        with Heartbeat(store, job_id, worker_name, settings.job_heartbeat_seconds), _StopOnSigterm():
+        with Heartbeat(store, job_id, worker_name, settings.job_heartbeat_seconds), _StopOnSigterm(reporter):
             try:
                 spec = JobCreate.model_validate(job.spec)
             except ValidationError as exc:
