@@ -24,9 +24,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, Field
 
@@ -71,17 +71,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` via a temporary file in the same directory and `os.replace`."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
+    """Write `path` through `write(file)` into `.{name}.{random}.tmp` beside it, then `os.replace`: readers
+    see the old file or the whole new one, never a part. `durable` also fsyncs before the rename (for records;
+    caches can do without). The temporary file is removed if anything fails."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` atomically and durably (`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8")), durable=True)
 
 
 class ModelStore:

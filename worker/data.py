@@ -16,10 +16,9 @@ No TensorFlow here, except inside the Keras download of source 4.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import logging
-import os
 import pickle
 import socket
 import tarfile
@@ -27,10 +26,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from worker.artifacts import write_atomic
 from worker.config import Settings
 from worker.errors import DataNotFound, InvalidSpec
 
@@ -149,20 +149,17 @@ def _decoded(cache_dir: Path | None, identity: str, decode: Callable[[], Arrays]
         except (OSError, ValueError, DataNotFound) as exc:
             log.warning("decoding CIFAR-10 again: cached copy %s unusable (%s)", x_path, exc)
     x, y = decode()
-    tmp: Path | None = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for path, array in ((y_path, y), (x_path, x)):  # x last: a reader needs both, so x means y is there
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            os.replace(tmp, path)
+            write_atomic(path, functools.partial(_save_array, array=array))
     except OSError as exc:
         log.warning("could not keep decoded CIFAR-10 under %s: %s", cache_dir, exc)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     return x, y
+
+
+def _save_array(f: BinaryIO, array: np.ndarray) -> None:
+    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _npz_split(name: str, path: Path, cache_dir: Path | None) -> Split:

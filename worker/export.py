@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.artifacts import KERAS_FILE, TFLITE_FILE
+from worker.artifacts import KERAS_FILE, TFLITE_FILE, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -279,14 +278,7 @@ class TfliteTemplates:
                     "patches": [asdict(p) for p in locate_weights(content, model, layers)]}
         path = self.path(key)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(json.dumps(manifest).encode() + b"\n")
-                f.write(content)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, lambda f: f.write(json.dumps(manifest).encode() + b"\n" + content))
         self.evict(keep=path)
         return path
 

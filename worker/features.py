@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from worker.artifacts import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,7 @@ class FeatureCache:
         path = self.path(key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    np.save(f, features, allow_pickle=False)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(path, lambda f: np.save(f, features, allow_pickle=False))
         except OSError as exc:  # the cache is an optimisation: a full disk must not fail the job
             log.warning("could not write feature cache file %s: %s", path, exc)
             return False
