@@ -51,7 +51,6 @@ class TrainingLoop:
         import keras
         import tensorflow as tf
 
-        self.model = model
         self.batch_size = batch_size
         self.validation_batch = validation_batch
         self.chunk_batches = chunk_batches
