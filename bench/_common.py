@@ -48,14 +48,14 @@ def png(image: np.ndarray) -> bytes:
 
 
 def train_with_cli(out_dir: Path, model: str = "transfer", **fields: Any) -> dict[str, Any]:
-    """Run one job with `python -m worker.train`; returns its JSON line (metrics, model_id, model_dir)."""
-    argv = [sys.executable, "-m", "worker.train", "--model", model, "--output", str(out_dir)]
+    """Run one job with `python -m worker.cli`; returns its JSON line (metrics, model_id, model_dir)."""
+    argv = [sys.executable, "-m", "worker.cli", "--model", model, "--output", str(out_dir)]
     for name, value in fields.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     env = {**os.environ, "TL_DATA_DIR": str(shared_dir("data")), "TL_WEIGHTS_DIR": str(shared_dir("weights"))}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"worker.train failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"worker.cli failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -63,7 +63,7 @@ def ensure_model(model_dir: str | None, work: Path, **fields: Any) -> Path:
     """An existing model directory, or a transfer model trained now (small: serving cost does not depend on it)."""
     if model_dir:
         return Path(model_dir).resolve()
-    print("training a transfer model to serve (worker.train) ...", file=sys.stderr, flush=True)
+    print("training a transfer model to serve (worker.cli) ...", file=sys.stderr, flush=True)
     fields = {"train_samples": 1000, "test_samples": 200, "epochs": 2, "seed": 42, **fields}
     return Path(train_with_cli(work / "trained", **fields)["model_dir"])
 

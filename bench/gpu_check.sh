@@ -37,11 +37,11 @@ PY
 
 export TL_DATA_DIR="$DATA_DIR" TL_WEIGHTS_DIR="$WEIGHTS_DIR" TL_ALLOW_DOWNLOAD=false
 cd "$ROOT"
-run_job() {  # name, then worker.train flags
+run_job() {  # name, then worker.cli flags
   local name="$1"; shift
   local start end
   start=$(date +%s.%N)
-  if ! "$VENV/bin/python" -m worker.train "$@" "${COMMON[@]}" --output "$OUT/artifacts" \
+  if ! "$VENV/bin/python" -m worker.cli "$@" "${COMMON[@]}" --output "$OUT/artifacts" \
       >"$OUT/$name.stdout" 2>"$OUT/$name.log"; then
     echo "$name failed; last lines of $OUT/$name.log:" >&2
     tail -n 30 "$OUT/$name.log" >&2

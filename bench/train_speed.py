@@ -50,9 +50,9 @@ def reference_way(spec: JobCreate, settings: Settings) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from worker.data import draw_subsets, load_cifar10, take
-    from worker.models import _head, build_base
-    from worker.weights import resolve_weights
+    from worker.engine.data import draw_subsets, load_cifar10, take
+    from worker.engine.models import _head, build_base
+    from worker.engine.weights import resolve_weights
 
     started = time.perf_counter()
     dataset = load_cifar10(settings)
@@ -86,7 +86,7 @@ def reference_way(spec: JobCreate, settings: Settings) -> dict[str, Any]:
 
 
 def engine(spec: JobCreate, settings: Settings) -> dict[str, Any]:
-    from worker.training import NullReporter, train_job
+    from worker.engine.pipeline import NullReporter, train_job
 
     started = time.perf_counter()
     result = train_job(spec, settings, NullReporter())
@@ -105,7 +105,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"spec": spec.public(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="tl-bench-") as tmp:
         settings = bench_settings(Path(tmp) / "artifacts")
-        from worker.runtime import configure_tensorflow
+        from worker.engine.runtime import configure_tensorflow
 
         configure_tensorflow(settings)
         if not args.skip_reference:

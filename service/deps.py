@@ -17,9 +17,9 @@ from service.errors import UnsupportedMediaType
 from service.housekeeping import WorkerCensus
 from service.inference import ModelCache
 from service.metrics import ServiceMetrics
-from worker.artifacts import ModelStore
 from worker.config import Settings
-from worker.jobs import AsyncJobStore
+from worker.jobstore import AsyncJobStore
+from worker.store import ModelStore
 
 
 @dataclass

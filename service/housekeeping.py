@@ -2,7 +2,7 @@
 
 The reaper fails a `running` (or `cancelling`) job whose worker stopped sending heartbeats for
 `TL_JOB_LOST_SECONDS` (killed, out of memory, machine lost), so no job stays running forever. The
-check is one atomic Lua script per job (worker.jobs), so several API processes may reap at once.
+check is one atomic Lua script per job (worker.jobstore), so several API processes may reap at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import suppress
 import redis.exceptions
 from celery import Celery
 
-from worker.jobs import AsyncJobStore
+from worker.jobstore import AsyncJobStore
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import ModelNotFound, ModelUnavailable
-from worker.artifacts import KERAS_FILE, TFLITE_FILE, ModelStore
 from worker.spec import CLASS_NAMES
+from worker.store import KERAS_FILE, TFLITE_FILE, ModelStore
 
 log = logging.getLogger(__name__)
 

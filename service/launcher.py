@@ -214,7 +214,7 @@ def ensure_redis(url: str, workdir: Path, log_file: Path | None = None,
 
 def celery_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
     """The one worker command (also in docker-compose.yml): queue `training`, one job at a time."""
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+    return [sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker",
             "-Q", "training", "-c", "1", "--pool", "prefork", "-l", log_level, "-n", name]
 
 

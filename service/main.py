@@ -28,10 +28,10 @@ from service.inference import ModelCache
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.middleware import RequestGuard, is_protected
 from service.routes import jobs, models, ops, predict
-from worker.artifacts import ModelStore
-from worker.celery_app import make_celery
 from worker.config import Settings, get_settings
-from worker.jobs import AsyncJobStore
+from worker.jobstore import AsyncJobStore
+from worker.queue import make_celery
+from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
 

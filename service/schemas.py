@@ -1,6 +1,6 @@
 """Response (and small request) bodies of the API, named by role; the job schemas come from `worker`.
 
-`JobCreate` (worker.spec), `Job` (worker.jobs) and `ModelInfo` (worker.artifacts) are shared with the
+`JobCreate` (worker.spec), `Job` (worker.jobstore) and `ModelInfo` (worker.store) are shared with the
 worker and used here as they are, so the API and the record cannot drift apart.
 """
 
@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.artifacts import ModelInfo
-from worker.jobs import Job
+from worker.jobstore import Job
+from worker.store import ModelInfo
 
 JOB_EXAMPLE: dict[str, Any] = {
     "id": "j_5f2c0e8a9b1d4c37",

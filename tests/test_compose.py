@@ -25,8 +25,9 @@ from celery.bin.control import inspect as celery_inspect_cli
 from celery.bin.worker import worker as celery_worker_cli
 from uvicorn.main import main as uvicorn_cli
 
-from worker.celery_app import TRAINING_QUEUE, celery_app
 from worker.config import Settings
+from worker.queue import TRAINING_QUEUE
+from worker.tasks import app as celery_app
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

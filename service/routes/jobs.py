@@ -1,6 +1,6 @@
 """Training jobs: create (enqueue by task name), list, read, cancel, and follow over Server-Sent Events.
 
-The job record in Redis (worker.jobs) is the job table: these routes read and write only it and send
+The job record in Redis (worker.jobstore) is the job table: these routes read and write only it and send
 the Celery task by name, so the API never imports the worker's code or TensorFlow, and Celery's own
 task states (PENDING for unknown ids ...) never show.
 """
@@ -21,9 +21,7 @@ from fastapi.responses import StreamingResponse
 from service.deps import JobStoreDep, ServicesDep, SettingsDep, require_json
 from service.errors import JobFinished, JobNotFound, QueueUnavailable, problem_responses
 from service.schemas import JOB_EXAMPLE, JobList
-from worker.artifacts import valid_id
-from worker.celery_app import TRAIN_TASK, TRAINING_QUEUE
-from worker.jobs import (
+from worker.jobstore import (
     TERMINAL,
     AsyncJobStore,
     Job,
@@ -33,7 +31,9 @@ from worker.jobs import (
     idempotency_key,
     utc_now,
 )
+from worker.queue import TRAIN_TASK, TRAINING_QUEUE
 from worker.spec import JobCreate
+from worker.store import valid_id
 
 log = logging.getLogger(__name__)
 

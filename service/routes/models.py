@@ -24,7 +24,7 @@ from service.errors import (
     problem_responses,
 )
 from service.schemas import Alias, AliasList, AliasSet, ModelList
-from worker.artifacts import (
+from worker.store import (
     ALIAS_PATTERN,
     CURVES_FILE,
     KERAS_FILE,

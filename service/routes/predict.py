@@ -30,7 +30,7 @@ from service.images import decode_b64, decode_image, nested_list_to_array
 from service.inference import rank_predictions
 from service.routes.models import resolve_model
 from service.schemas import PREDICT_REQUEST_BODY, PredictResponse
-from worker.artifacts import ModelStore
+from worker.store import ModelStore
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 

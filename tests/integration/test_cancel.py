@@ -8,8 +8,8 @@ import httpx
 import pytest
 from celery.exceptions import TaskRevokedError
 
-from worker.celery_app import make_celery
 from worker.config import Settings
+from worker.queue import make_celery
 
 from .harness import BASELINE_SMALL, Stack, submit, wait_job
 

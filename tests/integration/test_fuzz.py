@@ -41,7 +41,7 @@ EXAMPLES = 25
 
 def train_tiny_model(artifacts: Path, env: dict[str, str]) -> str:
     """A real (small) baseline model written by the command line into `artifacts`; returns its id."""
-    argv = [sys.executable, "-m", "worker.train", "--model", "baseline", "--train-samples", "200",
+    argv = [sys.executable, "-m", "worker.cli", "--model", "baseline", "--train-samples", "200",
             "--test-samples", "100", "--epochs", "1", "--seed", "5", "--output", str(artifacts)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from worker.celery_app import TRAIN_TASK, TRAINING_QUEUE, make_celery
 from worker.config import Settings
-from worker.jobs import TERMINAL, Job, JobStore, job_key, new_job_id, utc_now
+from worker.jobstore import TERMINAL, Job, JobStore, job_key, new_job_id, utc_now
+from worker.queue import TRAIN_TASK, TRAINING_QUEUE, make_celery
 from worker.spec import JobCreate
 
 from .harness import BASELINE_SMALL, Stack, train_split_size, wait_for

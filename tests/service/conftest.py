@@ -17,7 +17,7 @@ from svc_helpers import REPO, SERVICE_TEST_DB, data_dir, make_settings
 from service.launcher import ensure_redis
 from service.main import create_app
 from worker.config import Settings
-from worker.jobs import JobStore
+from worker.jobstore import JobStore
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,7 @@ _TRAIN_SCRIPT = """
 import json, sys
 from worker.config import Settings
 from worker.spec import JobCreate
-from worker.training import NullReporter, train_job
+from worker.engine.pipeline import NullReporter, train_job
 settings = Settings(artifact_dir=sys.argv[1], data_dir=sys.argv[2], allow_download=False)
 result = train_job(JobCreate(**json.loads(sys.argv[3])), settings, NullReporter(), job_id="j_servicetests")
 print(json.dumps({"model_dir": str(result.model_dir)}))
@@ -97,7 +97,7 @@ print(json.dumps({"model_dir": str(result.model_dir)}))
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real model directory written by the engine (`worker.training.train_job`), once per session.
+    """A real model directory written by the engine (`worker.engine.pipeline.train_job`), once per session.
 
     Trained in a child process, so TensorFlow never enters this one: like the API, the tests serve the
     model through LiteRT (the Keras fallback test imports TensorFlow on purpose)."""

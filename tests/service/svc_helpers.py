@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker.artifacts import METADATA_FILE, TFLITE_FILE
 from worker.config import Settings
+from worker.store import METADATA_FILE, TFLITE_FILE
 
 #: Our own database index (the integration tests use 13, the default config 0).
 SERVICE_TEST_DB = 12

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from svc_helpers import assert_problem
 
 from service.routes.jobs import job_events
-from worker.jobs import AsyncJobStore, EpochRecord, JobStore, Metrics, Progress, utc_now
+from worker.jobstore import AsyncJobStore, EpochRecord, JobStore, Metrics, Progress, utc_now
 from worker.spec import JobCreate
 
 SMALL = {"model": "baseline", "train_samples": 100, "test_samples": 100, "epochs": 2}

@@ -13,9 +13,9 @@ import redis
 from fastapi.testclient import TestClient
 from svc_helpers import assert_problem, make_settings
 
-from worker.celery_app import TRAIN_TASK, TRAINING_QUEUE, make_celery
 from worker.config import Settings
-from worker.jobs import JobStore, cancel_key, utc_now
+from worker.jobstore import JobStore, cancel_key, utc_now
+from worker.queue import TRAIN_TASK, TRAINING_QUEUE, make_celery
 from worker.spec import JobCreate
 
 SMALL = {"model": "baseline", "train_samples": 100, "test_samples": 100, "epochs": 1}

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from svc_helpers import add_model, assert_problem
 
-from worker.artifacts import KERAS_FILE, TFLITE_FILE
 from worker.spec import CLASS_NAMES
+from worker.store import KERAS_FILE, TFLITE_FILE
 
 pytestmark = pytest.mark.realdata
 

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from svc_helpers import add_model, assert_problem, cifar_test_images, image_bytes, make_settings, png, raw_png
 
-from worker.artifacts import TFLITE_FILE
 from worker.config import Settings
 from worker.spec import CLASS_NAMES
+from worker.store import TFLITE_FILE
 
 pytestmark = pytest.mark.realdata
 

@@ -12,7 +12,7 @@ from svc_helpers import add_model, cifar_test_images
 
 from service.errors import ModelNotFound
 from service.inference import MULTI_THREAD_MIN_BATCH, MicroBatcher, ModelCache, TFLiteRunner, load_runner
-from worker.artifacts import TFLITE_FILE, ModelStore
+from worker.store import TFLITE_FILE, ModelStore
 
 pytestmark = pytest.mark.realdata
 

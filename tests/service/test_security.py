@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_helpers import add_model, assert_problem, png
 
-from worker.artifacts import KERAS_FILE
+from worker.store import KERAS_FILE
 
 pytestmark = pytest.mark.realdata
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from worker.config import Settings
-from worker.jobs import EpochRecord
+from worker.jobstore import EpochRecord
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"

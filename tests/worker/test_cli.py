@@ -1,4 +1,4 @@
-"""python -m worker.train: one job from the command line, validated like the API."""
+"""python -m worker.cli: one job from the command line, validated like the API."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.config import Settings
-from worker.jobs import Metrics
+from worker.jobstore import Metrics
 from worker.spec import JobCreate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def _run(args: list[str], settings: Settings | None = None, timeout: float = 300
     if settings is not None:
         env.update(TL_DATA_DIR=str(settings.data_dir), TL_WEIGHTS_DIR=str(settings.weights_dir),
                    TL_ALLOW_DOWNLOAD="false")
-    return subprocess.run([sys.executable, "-m", "worker.train", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -30,9 +30,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from worker.artifacts import write_atomic
 from worker.config import Settings
 from worker.errors import DataNotFound, InvalidSpec
+from worker.store import write_atomic
 
 log = logging.getLogger(__name__)
 

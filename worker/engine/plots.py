@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from worker.jobs import EpochRecord
+from worker.jobstore import EpochRecord
 
 
 def plot_curves(history: Sequence[EpochRecord], kind: str, test_accuracy: float, path: Path,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from worker.config import Settings
-from worker.data import (
+from worker.engine.data import (
     BATCHES_DIR,
     TEST_BATCH,
     TRAIN_BATCHES,

@@ -10,14 +10,14 @@ import keras
 import numpy as np
 import pytest
 
-from worker.artifacts import CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
 from worker.config import Settings
-from worker.data import draw_subsets, load_cifar10, take
+from worker.engine.data import draw_subsets, load_cifar10, take
+from worker.engine.export import tflite_predict
+from worker.engine.loop import CHUNK_BATCHES
+from worker.engine.pipeline import TrainResult, train_job
 from worker.errors import ArtifactWriteError, JobCancelled
-from worker.export import tflite_predict
-from worker.loop import CHUNK_BATCHES
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.training import TrainResult, train_job
+from worker.store import CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
 
 pytestmark = pytest.mark.realdata
 
@@ -183,12 +183,12 @@ def test_cancel_seen_while_saving_leaves_nothing(recording_reporter: Any, settin
 
 def test_a_write_failure_while_saving_leaves_nothing(recording_reporter: Any, settings: Settings,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.plots
+    import worker.engine.plots
 
     def disk_full(*args: Any, **kwargs: Any) -> None:  # fault injection: the last file cannot be written
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(worker.plots, "plot_curves", disk_full)
+    monkeypatch.setattr(worker.engine.plots, "plot_curves", disk_full)
     with pytest.raises(ArtifactWriteError, match="No space left on device.*TL_ARTIFACT_DIR"):
         train_job(BASELINE.model_copy(update={"epochs": 1}), settings, recording_reporter())
     assert _model_entries(settings) == []

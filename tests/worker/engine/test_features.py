@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.features import FeatureCache, FeatureKey
+from worker.engine.features import FeatureCache, FeatureKey
 
 
 def _key(split: str, count: int = 10, indices: str = "i") -> FeatureKey:

@@ -11,9 +11,8 @@ import pytest
 import redis
 
 from service.launcher import ensure_redis
-from worker.jobs import EpochRecord, JobStore, Progress, cancel_key, utc_now
-from worker.spec import JobCreate
-from worker.tasks import (
+from worker.jobstore import EpochRecord, JobStore, Progress, cancel_key, utc_now
+from worker.runner import (
     CANCEL_POLL_SECONDS,
     PROGRESS_INTERVAL_SECONDS,
     Heartbeat,
@@ -21,6 +20,7 @@ from worker.tasks import (
     WorkerStopped,
     _StopOnSigterm,
 )
+from worker.spec import JobCreate
 
 #: Our own database index (service tests use 12, integration tests 13).
 TEST_DB = 14

@@ -1,6 +1,6 @@
 """Run one training job from the command line, with no Redis or Celery.
 
-    python -m worker.train --model transfer --train-samples 5000 --epochs 10 --output ./artifacts
+    python -m worker.cli --model transfer --train-samples 5000 --epochs 10 --output ./artifacts
 
 Every field of the job body (shared/API.md, `POST /v1/jobs`) is a `--kebab-case` flag, validated by the same
 `JobCreate` as the API (so the same messages). `--output DIR` overrides TL_ARTIFACT_DIR. Progress goes to stderr;
@@ -23,9 +23,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.config import Settings, get_settings
+from worker.engine.pipeline import LogReporter  # no TensorFlow at import: argument errors stay fast
 from worker.errors import InvalidSpec, JobCancelled, TrainingError
 from worker.spec import JobCreate
-from worker.training import LogReporter  # no TensorFlow at import: argument errors stay fast
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -36,7 +36,7 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.train",
+        prog="python -m worker.cli",
         description="Train one CIFAR-10 model (baseline CNN or MobileNetV2 transfer) and save it to the artifact "
                     "store. Flags are the fields of POST /v1/jobs; omitted ones take the API's defaults.",
     )
@@ -121,11 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reporter.interrupted:
             raise KeyboardInterrupt
         reporter.interrupted = True
-        logging.getLogger("worker.train").warning("interrupted: stopping at the next batch (Ctrl-C again to abort)")
+        logging.getLogger("worker.cli").warning("interrupted: stopping at the next batch (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        from worker.training import train_job
+        from worker.engine.pipeline import train_job
 
         result = train_job(spec, settings, reporter)
     except InvalidSpec as exc:

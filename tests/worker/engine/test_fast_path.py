@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from worker.config import Settings
-from worker.data import draw_subsets, load_cifar10, take
-from worker.features import extract_features
-from worker.loop import epoch_order
-from worker.models import build_transfer
-from worker.runtime import configure_tensorflow
+from worker.engine.data import draw_subsets, load_cifar10, take
+from worker.engine.features import extract_features
+from worker.engine.loop import epoch_order
+from worker.engine.models import build_transfer
+from worker.engine.pipeline import train_job
+from worker.engine.runtime import configure_tensorflow
+from worker.engine.weights import resolve_weights
 from worker.spec import JobCreate
-from worker.training import train_job
-from worker.weights import resolve_weights
 
 pytestmark = pytest.mark.realdata
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.jobs import EpochRecord
+from worker.jobstore import EpochRecord
 
 #: Batches per compiled call. Measured on 2 CPU cores (transfer head, 5,000 features, batch 32): 1.54 s per
 #: epoch against 2.2 s at 1 batch per call and 2.5-4.1 s for `fit` (any steps_per_execution). A chunk is

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.artifacts import KERAS_FILE, TFLITE_FILE, write_atomic
+from worker.store import KERAS_FILE, TFLITE_FILE, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run_tflite(content: bytes, images: np.ndarray, *, batch_size: int, threads: 
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    from worker.features import cpu_threads
+    from worker.engine.features import cpu_threads
 
     interpreter = Interpreter(model_content=content, num_threads=threads or cpu_threads())
     inp = interpreter.get_input_details()[0]

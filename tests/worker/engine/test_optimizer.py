@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from worker.training import fused_adam
+from worker.engine.pipeline import fused_adam
 
 
 def test_fused_adam_matches_keras_adam_over_several_steps() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import Settings
-from worker.data import file_sha256
+from worker.engine.data import file_sha256
 from worker.errors import WeightsNotFound
 
 log = logging.getLogger(__name__)

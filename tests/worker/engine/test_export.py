@@ -18,10 +18,9 @@ import keras
 import numpy as np
 import pytest
 
-from worker.artifacts import TFLITE_FILE
 from worker.config import Settings
-from worker.data import draw_subsets, load_cifar10, take
-from worker.export import (
+from worker.engine.data import draw_subsets, load_cifar10, take
+from worker.engine.export import (
     TEMPLATE_PATCH,
     TemplateUnusable,
     TfliteTemplates,
@@ -29,10 +28,11 @@ from worker.export import (
     export_tflite,
     tflite_predict,
 )
-from worker.models import build_transfer, head_layer_names
-from worker.runtime import configure_tensorflow
+from worker.engine.models import build_transfer, head_layer_names
+from worker.engine.runtime import configure_tensorflow
+from worker.engine.weights import resolve_weights
 from worker.spec import JobCreate
-from worker.weights import resolve_weights
+from worker.store import TFLITE_FILE
 
 pytestmark = pytest.mark.realdata
 

@@ -1,4 +1,4 @@
-"""worker.loop.TrainingLoop trains exactly as Keras' `fit` does, in compiled chunks of batches."""
+"""worker.engine.loop.TrainingLoop trains exactly as Keras' `fit` does, in compiled chunks of batches."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
+from worker.engine.loop import TrainingLoop, epoch_order
 from worker.errors import JobCancelled
-from worker.loop import TrainingLoop, epoch_order
 
 BATCH = 16
 

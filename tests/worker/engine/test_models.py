@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from worker.config import Settings
-from worker.models import build_baseline, build_transfer, count_params, unfreeze_top
+from worker.engine.models import build_baseline, build_transfer, count_params, unfreeze_top
+from worker.engine.weights import resolve_weights
 from worker.spec import JobCreate
-from worker.weights import resolve_weights
 
 
 def test_baseline_has_the_reference_parameter_count() -> None:

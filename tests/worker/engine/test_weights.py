@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from worker.config import Settings
+from worker.engine.weights import resolve_weights, size_preference, weights_file_name
 from worker.errors import WeightsNotFound
-from worker.weights import resolve_weights, size_preference, weights_file_name
 
 
 def test_official_file_names_and_size_order() -> None:

@@ -24,27 +24,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from worker.artifacts import CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
 from worker.config import Settings
-from worker.data import Dataset, Subset, draw_subsets, load_cifar10, take
+from worker.engine.data import Dataset, Subset, draw_subsets, load_cifar10, take
+from worker.engine.loop import CHUNK_BATCHES, TrainingLoop, loss_and_accuracy
+from worker.engine.runtime import RuntimeInfo, configure_tensorflow
 from worker.errors import ArtifactWriteError, JobCancelled
-from worker.jobs import EpochRecord, Metrics, new_model_id, utc_now
-from worker.loop import CHUNK_BATCHES, TrainingLoop, loss_and_accuracy
-from worker.runtime import RuntimeInfo, configure_tensorflow
+from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
+from worker.store import CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STAGES = ("loading_data", "extracting_features", "training", "fine_tuning", "evaluating", "saving")
 
-#: Batch size for evaluating models that take images (the head on features uses worker.loop's default).
+#: Batch size for evaluating models that take images (the head on features uses worker.engine.loop's default).
 IMAGE_EVAL_BATCH = 256
 
 
 class Reporter(Protocol):
     """What the engine tells its caller, and the one thing it asks (whether to stop).
 
-    `cancel_requested` is asked between chunks of batches (worker.loop.CHUNK_BATCHES, a fraction of a second
+    `cancel_requested` is asked between chunks of batches (worker.engine.loop.CHUNK_BATCHES, a fraction of a second
     of work) and between batches of feature extraction and evaluation.
     """
 
@@ -77,7 +77,7 @@ class LogReporter(NullReporter):
     """Logs stages, epochs and progress every 10 % (the command line's reporter)."""
 
     def __init__(self, logger: logging.Logger | None = None, total_epochs: int | None = None) -> None:
-        self.log = logger or logging.getLogger("worker.train")
+        self.log = logger or logging.getLogger("worker.cli")
         self.total_epochs = total_epochs
         self._next_fraction = 0.1
 
@@ -239,7 +239,7 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     x_test, y_test = take(dataset.test, test_subset)
     weights = None
     if spec.model == "transfer":
-        from worker.weights import resolve_weights
+        from worker.engine.weights import resolve_weights
 
         weights = resolve_weights(settings, spec.alpha, spec.image_size)
     progress.within(1.0)
@@ -255,7 +255,7 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
 
     progress.enter("evaluating")
     test_loss, test_accuracy = loss_and_accuracy(outcome.test_probs, y_test)
-    from worker.models import count_params
+    from worker.engine.models import count_params
 
     params = count_params(outcome.model)
     progress.within(1.0)
@@ -297,14 +297,14 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
 
 
 def _export_template(spec: JobCreate, settings: Settings, weights: Any, runtime: RuntimeInfo) -> dict[str, Any]:
-    """Where and under which key the TFLite export may reuse an earlier conversion (worker.export).
+    """Where and under which key the TFLite export may reuse an earlier conversion (worker.engine.export).
 
     Two transfer models without fine-tuning that share this key differ only in their head's Dense weights, so
     the second .tflite is the first one's bytes with those weights written over (checked like any export).
     """
     if spec.model != "transfer" or spec.fine_tuning or weights is None:
         return {}
-    from worker.models import head_layer_names
+    from worker.engine.models import head_layer_names
 
     key = json.dumps({"weights_sha256": weights.sha256, "image_size": spec.image_size, "alpha": float(spec.alpha),
                       "dense_units": list(spec.dense_units), "tensorflow": runtime.tensorflow_version,
@@ -316,8 +316,8 @@ def _export_template(spec: JobCreate, settings: Settings, weights: Any, runtime:
 def _write_model_files(outcome: _Outcome, spec: JobCreate, staging: Path, test_accuracy: float,
                        x_test: np.ndarray, progress: _Progress, template: dict[str, Any]) -> dict[str, Any]:
     """model.keras, model.tflite (when its check passes) and curves.png; returns the export record."""
-    from worker.export import export_tflite, save_keras
-    from worker.plots import plot_curves
+    from worker.engine.export import export_tflite, save_keras
+    from worker.engine.plots import plot_curves
 
     save_keras(outcome.model, staging)
     progress.within(0.2)
@@ -333,7 +333,7 @@ def _train_baseline(spec: JobCreate, progress: _Progress, x_train: np.ndarray, y
                     x_test: np.ndarray, y_test: np.ndarray) -> _Outcome:
     import keras
 
-    from worker.models import build_baseline
+    from worker.engine.models import build_baseline
 
     model = build_baseline(spec)
     progress.enter("training")
@@ -356,8 +356,8 @@ def _run_loop(loop: TrainingLoop, progress: _Progress, x: np.ndarray, y: np.ndar
 
 
 def _loop_record() -> dict[str, Any]:
-    return {"loop": "worker.loop.TrainingLoop (fit semantics, compiled chunks of batches)",
-            "batches_per_call": CHUNK_BATCHES, "shuffle": "worker.loop.epoch_order(seed, epoch, n)"}
+    return {"loop": "worker.engine.loop.TrainingLoop (fit semantics, compiled chunks of batches)",
+            "batches_per_call": CHUNK_BATCHES, "shuffle": "worker.engine.loop.epoch_order(seed, epoch, n)"}
 
 
 def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, progress: _Progress,
@@ -365,8 +365,14 @@ def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, p
                     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> _Outcome:
     import keras
 
-    from worker.features import FeatureCache, FeatureKey, extract_features, extract_features_litert, litert_version
-    from worker.models import build_head, build_transfer, copy_head_weights, head_layer_names, unfreeze_top
+    from worker.engine.features import (
+        FeatureCache,
+        FeatureKey,
+        extract_features,
+        extract_features_litert,
+        litert_version,
+    )
+    from worker.engine.models import build_head, build_transfer, copy_head_weights, head_layer_names, unfreeze_top
 
     # The full model is built first and the head copies its initial weights, so for a given seed the fast path
     # starts from exactly the weights a plain `fit` of the whole model would.

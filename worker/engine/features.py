@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.artifacts import write_atomic
+from worker.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def extract_features_litert(
     threads: int | None = None,
 ) -> np.ndarray:
     """Like `extract_features`, through a float32 TensorFlow Lite conversion of `extractor` run by LiteRT."""
-    from worker.export import convert_tflite, run_tflite
+    from worker.engine.export import convert_tflite, run_tflite
 
     content, _ = convert_tflite(extractor)
     return run_tflite(content, images, batch_size=batch_size, threads=threads, on_batch=on_batch)

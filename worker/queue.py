@@ -18,7 +18,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from worker.config import Settings, get_settings
+from worker.config import Settings
 
 TRAIN_TASK = "tl.train"
 TRAINING_QUEUE = "training"
@@ -26,7 +26,7 @@ TRAINING_QUEUE = "training"
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (broker, result backend and job store are the same Redis)."""
-    app = Celery("tl", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app = Celery("tl", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
         task_queues=[Queue(TRAINING_QUEUE)],
         task_default_queue=TRAINING_QUEUE,
@@ -57,4 +57,4 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-celery_app = make_celery(get_settings())
+

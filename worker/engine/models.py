@@ -18,8 +18,8 @@ from typing import Any
 
 import keras
 
+from worker.engine.weights import WeightsFile
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.weights import WeightsFile
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = len(CLASS_NAMES)
