@@ -38,7 +38,7 @@ def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from service.inference import TFLiteRunner
+    from service.serving.runners import TFLiteRunner
 
     x, _ = test_images(64, seed=1)
     batch = x.astype(np.float32)

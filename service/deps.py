@@ -15,11 +15,11 @@ from fastapi import Depends, Request
 
 from service.errors import UnsupportedMediaType
 from service.housekeeping import WorkerCensus
-from service.inference import ModelCache
+from service.jobs import JobService
 from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry
+from service.serving.cache import ModelCache
 from worker.config import Settings
-from worker.jobstore import AsyncJobStore
-from worker.store import ModelStore
 
 
 @dataclass
@@ -27,8 +27,8 @@ class Services:
     """Everything the routes share, created once per app in its lifespan."""
 
     settings: Settings
-    jobs: AsyncJobStore
-    models: ModelStore
+    jobs: JobService
+    registry: ModelRegistry
     cache: ModelCache
     celery: Celery
     metrics: ServiceMetrics
@@ -52,16 +52,12 @@ async def get_services(request: Request) -> Services:
     return services_of(request)
 
 
-async def get_job_store(request: Request) -> AsyncJobStore:
+async def get_job_service(request: Request) -> JobService:
     return services_of(request).jobs
 
 
-async def get_model_store(request: Request) -> ModelStore:
-    return services_of(request).models
-
-
-async def get_model_cache(request: Request) -> ModelCache:
-    return services_of(request).cache
+async def get_registry(request: Request) -> ModelRegistry:
+    return services_of(request).registry
 
 
 async def require_json(request: Request) -> None:
@@ -76,6 +72,5 @@ async def require_json(request: Request) -> None:
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ServicesDep = Annotated[Services, Depends(get_services)]
-JobStoreDep = Annotated[AsyncJobStore, Depends(get_job_store)]
-ModelStoreDep = Annotated[ModelStore, Depends(get_model_store)]
-ModelCacheDep = Annotated[ModelCache, Depends(get_model_cache)]
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

@@ -129,6 +129,11 @@ class UnsupportedMediaType(ServiceError):
 class InvalidInput(ServiceError):
     status = 422
 
+    @classmethod
+    def at(cls, loc: list[str | int], msg: str, detail: str | None = None) -> InvalidInput:
+        """A 422 for one field at `loc` (FastAPI's `loc` convention), `msg` saying what is wrong with it."""
+        return cls(detail or msg, errors=[{"loc": loc, "msg": msg, "type": "value_error"}])
+
 
 class ModelUnavailable(ServiceError):
     status = 500

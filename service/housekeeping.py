@@ -12,15 +12,11 @@ import logging
 import time
 from contextlib import suppress
 
-import redis.exceptions
 from celery import Celery
 
-from worker.jobstore import AsyncJobStore
+from worker.jobstore import REDIS_ERRORS, AsyncJobStore
 
 log = logging.getLogger(__name__)
-
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
 
 def reaper_interval(lost_seconds: float) -> float:
     """How often to look: a few times per `lost_seconds`, between 0.5 and 5 seconds."""

@@ -24,10 +24,12 @@ from redis.backoff import ExponentialBackoff
 from service.deps import Services
 from service.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from service.housekeeping import WorkerCensus, reaper_interval, run_reaper
-from service.inference import ModelCache
+from service.jobs import JobService
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.middleware import RequestGuard, is_protected
+from service.registry import ModelRegistry
 from service.routes import jobs, models, ops, predict
+from service.serving.cache import ModelCache
 from worker.config import Settings, get_settings
 from worker.jobstore import AsyncJobStore
 from worker.queue import make_celery
@@ -67,9 +69,10 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
                        on_batch=metrics.batch_images.observe,
                        on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds))
     celery = make_celery(settings)
-    return Services(settings=settings, jobs=AsyncJobStore(redis_client(settings), settings.job_ttl_seconds),
-                    models=store, cache=cache, celery=celery, metrics=metrics, workers=WorkerCensus(celery),
-                    executor=executor)
+    jobs = JobService(AsyncJobStore(redis_client(settings), settings.job_ttl_seconds), celery,
+                      settings.job_lost_seconds)
+    return Services(settings=settings, jobs=jobs, registry=ModelRegistry(store, cache), cache=cache,
+                    celery=celery, metrics=metrics, workers=WorkerCensus(celery), executor=executor)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -86,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         interval = reaper_interval(settings.job_lost_seconds)
         stop = asyncio.Event()
-        reaper = asyncio.create_task(run_reaper(services.jobs, settings.job_lost_seconds, interval, stop),
+        reaper = asyncio.create_task(run_reaper(services.jobs.store, settings.job_lost_seconds, interval, stop),
                                      name="tl-reaper")
         try:
             yield
@@ -99,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.cache.clear()
             services.executor.shutdown(wait=False, cancel_futures=True)
             with suppress(TimeoutError):
-                await asyncio.wait_for(services.jobs.redis.aclose(), SHUTDOWN_STEP_SECONDS)
+                await asyncio.wait_for(services.jobs.store.close(), SHUTDOWN_STEP_SECONDS)
             services.celery.close()
 
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan, redoc_url=None,

@@ -64,10 +64,6 @@ class Settings(BaseSettings):
         return level
 
     @property
-    def models_dir(self) -> Path:
-        return self.artifact_dir / "models"
-
-    @property
     def feature_cache_dir(self) -> Path:
         return self.artifact_dir / "feature-cache"
 

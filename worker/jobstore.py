@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 from pydantic import BaseModel, Field
 
 from worker.spec import JobCreate
@@ -39,6 +40,9 @@ Stage = Literal[
 ACTIVE: frozenset[str] = frozenset({"queued", "running", "cancelling"})
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES: tuple[str, ...] = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+#: What a Redis that does not answer raises (down, restarting, unreachable); everything else is a bug.
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 PREFIX = "tl:"
 INDEX_KEY = f"{PREFIX}jobs"
@@ -212,12 +216,13 @@ def _allowed(from_statuses: Iterable[str] | None) -> str:
     return "*" if from_statuses is None else ",".join(from_statuses)
 
 
+def failure(error_type: str, message: str) -> dict[str, Any]:
+    """The fields that end a job `failed` now, with an error of `error_type` a user can act on."""
+    return {"status": "failed", "finished_at": utc_now(), "error": JobError(type=error_type, message=message)}
+
+
 def _lost_fields(lost_seconds: float) -> dict[str, str]:
-    return encode_fields({
-        "status": "failed",
-        "finished_at": utc_now(),
-        "error": JobError(type="WorkerLost", message=WORKER_LOST_MESSAGE.format(seconds=lost_seconds)),
-    })
+    return encode_fields(failure("WorkerLost", WORKER_LOST_MESSAGE.format(seconds=lost_seconds)))
 
 
 class JobStore:
@@ -292,11 +297,6 @@ class AsyncJobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._reap = client.register_script(_REAP_LUA)
 
-    @classmethod
-    def from_url(cls, url: str, ttl_seconds: int = 30 * 24 * 3600) -> AsyncJobStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
-                                           socket_connect_timeout=3, health_check_interval=30), ttl_seconds)
-
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Create a queued job; with an Idempotency-Key already used, return that job and False."""
         job_id = new_job_id()
@@ -321,9 +321,6 @@ class AsyncJobStore:
         raw = await self.redis.hgetall(job_key(job_id))
         return decode_job(raw) if raw else None
 
-    async def get_raw(self, job_id: str) -> dict[str, str]:
-        return await self.redis.hgetall(job_key(job_id))
-
     async def update(self, job_id: str, fields: dict[str, Any],
                      from_statuses: Iterable[str] | None = None) -> str | None:
         result = await self._transition(keys=[job_key(job_id), events_channel(job_id)],
@@ -332,6 +329,20 @@ class AsyncJobStore:
             await self.redis.expire(job_key(job_id), self.ttl_seconds)
             await self.redis.delete(cancel_key(job_id))
         return result or None
+
+    async def release_idempotency(self, key: str) -> None:
+        """Forget an Idempotency-Key, so a retry with it creates a fresh job (its first job never ran)."""
+        await self.redis.delete(idempotency_key(key))
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def changes(self, job_id: str) -> JobChanges:
+        """A subscription to the job's change notices (`async with store.changes(id) as changes`)."""
+        return JobChanges(self.redis, job_id)
 
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(cancel_key(job_id), "1", ex=7 * 24 * 3600)
@@ -390,3 +401,40 @@ class AsyncJobStore:
             if status in counts:
                 counts[status] += 1
         return counts
+
+
+class JobChanges:
+    """Change notices of one job over pub/sub; `wait` returns on a notice or after `timeout` seconds.
+
+    If Redis goes away the subscription is dropped and `wait` only sleeps: callers poll the record
+    anyway, so a stream survives a Redis restart without notices.
+    """
+
+    def __init__(self, client: aioredis.Redis, job_id: str) -> None:
+        self._pubsub = client.pubsub()
+        self._channel = events_channel(job_id)
+        self.subscribed = False
+
+    async def __aenter__(self) -> JobChanges:
+        try:
+            await self._pubsub.subscribe(self._channel)
+            self.subscribed = True
+        except REDIS_ERRORS:
+            self.subscribed = False
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._pubsub.aclose()
+        except Exception:  # closing a connection to a Redis that went away
+            pass
+
+    async def wait(self, timeout: float) -> None:
+        if not self.subscribed:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+        except REDIS_ERRORS:
+            self.subscribed = False
+            await asyncio.sleep(timeout)

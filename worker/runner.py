@@ -33,11 +33,11 @@ from worker.errors import JobCancelled, TrainingError
 from worker.jobstore import (
     EpochRecord,
     Job,
-    JobError,
     JobStore,
     Metrics,
     Progress,
     decode_job,
+    failure,
     new_model_id,
     utc_now,
 )
@@ -203,17 +203,13 @@ class _StopOnSigterm:
 
 def _error_fields(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, TrainingError):
-        error = JobError(type=exc.type, message=exc.message)
-    elif isinstance(exc, WorkerStopped):
-        error = JobError(type="WorkerStopped", message=str(exc))
-    elif isinstance(exc, SoftTimeLimitExceeded):
-        error = JobError(type="TimeLimitExceeded",
-                         message="the job ran longer than TL_JOB_MAX_SECONDS and was stopped; "
-                                 "use fewer samples or epochs, or raise TL_JOB_MAX_SECONDS")
-    else:
-        error = JobError(type=type(exc).__name__,
-                         message=f"{exc or type(exc).__name__}; see the worker log for the traceback")
-    return {"status": "failed", "finished_at": utc_now(), "error": error}
+        return failure(exc.type, exc.message)
+    if isinstance(exc, WorkerStopped):
+        return failure("WorkerStopped", str(exc))
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return failure("TimeLimitExceeded", "the job ran longer than TL_JOB_MAX_SECONDS and was stopped; "
+                                            "use fewer samples or epochs, or raise TL_JOB_MAX_SECONDS")
+    return failure(type(exc).__name__, f"{exc or type(exc).__name__}; see the worker log for the traceback")
 
 
 def _finish(store: JobStore, job_id: str, fields: dict[str, Any], from_statuses: tuple[str, ...]) -> str | None:
@@ -312,8 +308,6 @@ def run_job(job_id: str, worker_name: str, settings: Settings | None = None) -> 
             raise  # KeyboardInterrupt / SystemExit: recorded, and the process still stops
     finally:
         if outcome is None:  # a path above did not record anything: never leave the job running
-            _finish(store, job_id, {"status": "failed", "finished_at": utc_now(),
-                                    "error": JobError(type="InternalError",
-                                                      message="the job ended without an outcome; "
-                                                              "see the worker log")}, ACTIVE_RUN)
+            _finish(store, job_id, failure("InternalError", "the job ended without an outcome; see the worker log"),
+                    ACTIVE_RUN)
     return outcome

@@ -19,7 +19,7 @@ from celery.signals import worker_process_init, worker_ready
 from celery.worker.request import Request
 
 from worker.config import get_settings
-from worker.jobstore import JobError, utc_now
+from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
 
@@ -43,19 +43,16 @@ class TrainRequest(Request):
             return
         job_id = self.args[0] if self.args else self.id
         if isinstance(exc, TimeLimitExceeded):
-            error = JobError(type="TimeLimitExceeded",
-                             message="the job exceeded its hard time limit (TL_JOB_MAX_SECONDS + 300 s) and "
-                                     "its process was killed; use fewer samples or epochs")
+            fields = failure("TimeLimitExceeded", "the job exceeded its hard time limit (TL_JOB_MAX_SECONDS + 300 s) "
+                                                  "and its process was killed; use fewer samples or epochs")
         else:
-            error = JobError(type="WorkerLost",
-                             message=f"the worker process running this job died ({exc}); if it was killed for "
-                                     "lack of memory, use a smaller batch_size or image_size, then submit "
-                                     "the job again")
+            fields = failure("WorkerLost", f"the worker process running this job died ({exc}); if it was killed "
+                                           "for lack of memory, use a smaller batch_size or image_size, then submit "
+                                           "the job again")
         try:
             store = job_store(get_settings())
-            if store.update(job_id, {"status": "failed", "finished_at": utc_now(), "error": error},
-                            from_statuses=ACTIVE_RUN):
-                log.error("job %s: %s: %s", job_id, error.type, error.message)
+            if store.update(job_id, fields, from_statuses=ACTIVE_RUN):
+                log.error("job %s: %s: %s", job_id, fields["error"].type, fields["error"].message)
         except Exception:
             log.exception("job %s: could not record the lost worker; the reaper will", job_id)
 

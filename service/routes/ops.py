@@ -9,8 +9,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import ServicesDep
-from service.housekeeping import REDIS_ERRORS
 from service.schemas import Health, Readiness
+from worker.jobstore import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ async def read_health() -> Health:
 async def read_readiness(services: ServicesDep) -> JSONResponse:
     """Readiness: 200 when Redis answers (503 otherwise), with the number of live Celery workers."""
     try:
-        await asyncio.wait_for(services.jobs.redis.ping(), REDIS_PING_TIMEOUT_SECONDS)
+        await asyncio.wait_for(services.jobs.store.ping(), REDIS_PING_TIMEOUT_SECONDS)
     except (*REDIS_ERRORS, TimeoutError) as exc:
         log.warning("readiness: Redis unavailable: %s", exc)
         services.workers.forget()
@@ -44,7 +44,7 @@ async def read_readiness(services: ServicesDep) -> JSONResponse:
 async def read_metrics(services: ServicesDep) -> Response:
     """Prometheus metrics: requests and latency by route and status, predictions, jobs by status."""
     try:
-        counts = await asyncio.wait_for(services.jobs.count_by_status(), REDIS_PING_TIMEOUT_SECONDS)
+        counts = await asyncio.wait_for(services.jobs.store.count_by_status(), REDIS_PING_TIMEOUT_SECONDS)
     except (*REDIS_ERRORS, TimeoutError):
         counts = None
     services.metrics.set_job_counts(counts)

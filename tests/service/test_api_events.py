@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 from svc_helpers import assert_problem
 
-from service.routes.jobs import job_events
+from service.jobs import JobService
 from worker.jobstore import AsyncJobStore, EpochRecord, JobStore, Metrics, Progress, utc_now
 from worker.spec import JobCreate
 
@@ -115,7 +115,8 @@ def test_the_stream_sends_keep_alive_comments_and_polls_without_notices(redis_ur
         store = AsyncJobStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
         chunks: list[bytes] = []
         try:
-            stream = job_events(store, created, poll_seconds=0.1, heartbeat_seconds=0.3)
+            jobs = JobService(store, celery=None, lost_seconds=45)  # type: ignore[arg-type]  # no broker used
+            stream = jobs.events(created, poll_seconds=0.1, heartbeat_seconds=0.3)
             async for chunk in stream:
                 chunks.append(chunk)
                 if chunk.startswith(b":") and len(chunks) == 2:

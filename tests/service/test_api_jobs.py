@@ -247,13 +247,13 @@ def test_the_background_reaper_fails_lost_jobs_without_any_request(
 def test_a_job_the_broker_refuses_is_failed_and_answers_503(client: TestClient, settings: Settings,
                                                             redis_db: redis.Redis) -> None:
     services = client.app.state.services  # type: ignore[attr-defined]
-    working = services.celery
-    services.celery = make_celery(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    working = services.jobs.celery
+    services.jobs.celery = make_celery(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
     try:
         response = client.post("/v1/jobs", json=SMALL, headers={"Idempotency-Key": "k1"})
     finally:
-        services.celery.close()
-        services.celery = working
+        services.jobs.celery.close()
+        services.jobs.celery = working
     assert_problem(response, 503, "marked failed")
     [job] = client.get("/v1/jobs").json()["items"]
     assert job["status"] == "failed" and job["error"]["type"] == "QueueUnavailable"

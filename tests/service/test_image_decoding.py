@@ -1,4 +1,4 @@
-"""Image decoding for predict (service.images): every mode to RGB, any size to 32x32, hostile files refused."""
+"""Image decoding for predict (worker.imaging): every mode to RGB, any size to 32x32, hostile files refused."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 from svc_helpers import image_bytes, raw_png
 
 from service.errors import BadImage, InvalidInput, PayloadTooLarge
-from service.images import MAX_PIXELS, decode_b64, decode_image, nested_list_to_array
+from service.serving.decode import decode_b64, decode_image, nested_list_to_array
+from worker.imaging import MAX_PIXELS
 
 
 def test_rgb_png_of_32x32_is_returned_exactly() -> None:

@@ -11,7 +11,9 @@ import pytest
 from svc_helpers import add_model, cifar_test_images
 
 from service.errors import ModelNotFound
-from service.inference import MULTI_THREAD_MIN_BATCH, MicroBatcher, ModelCache, TFLiteRunner, load_runner
+from service.serving.batching import MicroBatcher
+from service.serving.cache import ModelCache
+from service.serving.runners import MULTI_THREAD_MIN_BATCH, TFLiteRunner, load_runner
 from worker.store import TFLITE_FILE, ModelStore
 
 pytestmark = pytest.mark.realdata

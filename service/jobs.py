@@ -1,0 +1,148 @@
+"""The job service: create + enqueue + compensate, read, list, cancel and follow jobs (routes stay thin).
+
+The job record in Redis (`worker.jobstore`) is the job table: this object reads and writes only it and
+sends the Celery task by name, so the API never imports the worker's code or TensorFlow, and Celery's own
+task states (PENDING for unknown ids ...) never show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from celery import Celery
+
+from service.errors import JobFinished, JobNotFound, QueueUnavailable
+from worker.jobstore import REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, failure, utc_now
+from worker.queue import TRAIN_TASK, TRAINING_QUEUE
+from worker.spec import JobCreate
+from worker.store import valid_id
+
+log = logging.getLogger(__name__)
+
+#: Publishing to the broker must not hold a request for long when it is down.
+ENQUEUE_TIMEOUT_SECONDS = 5.0
+ENQUEUE_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+SSE_POLL_SECONDS = 2.0
+SSE_HEARTBEAT_SECONDS = 15.0
+#: A cancel re-reads the status this many times when it moves underneath (queued -> running).
+CANCEL_ATTEMPTS = 5
+
+
+class JobService:
+    """Jobs as the API sees them, over the job store and the Celery broker."""
+
+    def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float) -> None:
+        self.store = store
+        self.celery = celery
+        self._lost_seconds = lost_seconds
+
+    async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
+        """Record a queued job and send its task; returns the job and whether it is new (False: the job an
+        earlier request with the same Idempotency-Key created). If the broker refuses, the job is failed,
+        the key released, and `QueueUnavailable` raised."""
+        job, created = await self.store.create(spec, idempotency)
+        if not created:
+            return job, False
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._send_task, job.id), ENQUEUE_TIMEOUT_SECONDS)
+        except Exception as exc:
+            log.error("could not enqueue job %s: %s", job.id, exc)
+            message = f"the job queue (Celery broker at TL_REDIS_URL) refused the job: {exc or type(exc).__name__}"
+            await self.store.update(job.id, failure("QueueUnavailable", message), from_statuses=["queued"])
+            if idempotency is not None:  # let the client's retry create a fresh job
+                await self.store.release_idempotency(idempotency)
+            raise QueueUnavailable(f"{message}; job {job.id} was marked failed, retry later") from exc
+        return job, True
+
+    def _send_task(self, job_id: str) -> None:
+        # ignore_result: the job record is where outcomes live; subscribing to Celery's result backend would
+        # also make a send to an unreachable Redis hang for ~20 s in the backend's reconnect loop.
+        self.celery.send_task(TRAIN_TASK, args=[job_id], task_id=job_id, queue=TRAINING_QUEUE, ignore_result=True,
+                               retry=True, retry_policy=ENQUEUE_RETRY_POLICY)
+
+    async def get(self, job_id: str) -> Job:
+        """The job, or 404 (an id that is not a valid id is never looked up)."""
+        job = await self.store.get(job_id) if valid_id(job_id) else None
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def read(self, job_id: str) -> Job:
+        """The job as it stands; a running job whose worker went silent is failed (WorkerLost) first."""
+        job = await self.get(job_id)
+        if job.status in ("running", "cancelling") and await self.store.reap(job_id, self._lost_seconds):
+            job = await self.get(job_id)
+        return job
+
+    async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> tuple[builtins.list[Job], str | None]:
+        return await self.store.list(status=status, model=model, limit=limit, cursor=cursor)
+
+    async def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once (`cancelled`), a running one asked to stop (`cancelling`);
+        409 for a job that already ended."""
+        for _ in range(CANCEL_ATTEMPTS):  # the status may move under us; decide again from the new one
+            job = await self.get(job_id)
+            if job.status in TERMINAL:
+                raise JobFinished(job_id, job.status)
+            if job.status == "cancelling":
+                return job
+            if job.status == "queued":
+                if await self.store.update(job_id, {"status": "cancelled", "finished_at": utc_now()},
+                                           from_statuses=["queued"]):
+                    await self._revoke(job_id)
+                    return await self.get(job_id)
+            elif job.status == "running":
+                await self.store.request_cancel(job_id)
+                if await self.store.update(job_id, {"status": "cancelling"}, from_statuses=["running"]):
+                    return await self.get(job_id)
+        return await self.get(job_id)
+
+    async def _revoke(self, job_id: str) -> None:
+        """Revoke the queued task (best effort: the worker also skips a job that is no longer queued)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.celery.control.revoke, job_id), ENQUEUE_TIMEOUT_SECONDS)
+        except Exception as exc:
+            log.warning("could not revoke task %s (the worker will still skip it): %s", job_id, exc)
+
+    async def events(self, first: Job, *, poll_seconds: float = SSE_POLL_SECONDS,
+                     heartbeat_seconds: float = SSE_HEARTBEAT_SECONDS) -> AsyncIterator[bytes]:
+        """Server-Sent Events: the job now, then again on every change of status, stage or epoch (pub/sub
+        notice, or a poll as fallback), until it ends; a comment line keeps an idle stream open."""
+        job_id = first.id
+        async with self.store.changes(job_id) as changes:
+            job = first
+            if changes.subscribed:
+                try:  # read after subscribing: no change falls in between
+                    job = await self.store.get(job_id) or first
+                except REDIS_ERRORS:
+                    pass
+            yield _sse(job)
+            last, last_sent = _change_key(job), time.monotonic()
+            while job.status not in TERMINAL:
+                await changes.wait(max(0.05, min(poll_seconds, heartbeat_seconds - (time.monotonic() - last_sent))))
+                try:
+                    current = await self.store.get(job_id)
+                except REDIS_ERRORS:
+                    current = job  # keep the stream; Redis may come back
+                if current is None:
+                    return  # the record expired or was removed
+                job = current
+                if _change_key(job) != last:
+                    yield _sse(job)
+                    last, last_sent = _change_key(job), time.monotonic()
+                elif time.monotonic() - last_sent >= heartbeat_seconds:
+                    yield b": keep-alive\n\n"
+                    last_sent = time.monotonic()
+
+
+def _sse(job: Job) -> bytes:
+    return f"event: job\ndata: {job.model_dump_json()}\n\n".encode()
+
+
+def _change_key(job: Job) -> tuple[str, str, int]:
+    return job.status, job.progress.stage, job.progress.epoch

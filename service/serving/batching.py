@@ -1,0 +1,114 @@
+"""Micro-batching: concurrent requests for one model are merged into one batch of at most `TL_MAX_BATCH` images.
+
+A forming batch waits at most `TL_BATCH_WINDOW_MS`, and only for requests already on their way (like
+TF Serving's batch_timeout, but a lone request does not wait); while a batch runs, the next one gathers
+by itself. Each model runs one batch at a time, in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.serving.runners import Runner
+
+
+@dataclass
+class _Request:
+    images: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+class MicroBatcher:
+    """Merges concurrent `predict` calls on one model into batches of at most `max_batch` images.
+
+    A batch waits for more requests only while some are known to be on their way (`incoming`: their
+    bodies are still being read or decoded), and never longer than `window_s`; a lone request runs at
+    once. Measured on 2 cores over HTTP: always waiting the full window cost a single client 60% of its
+    throughput (185 vs 456 requests/s) for no gain, while under 16 clients the wait pays off.
+    """
+
+    def __init__(self, runner: Runner, executor: Executor, max_batch: int, window_s: float,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.runner = runner
+        self._executor = executor
+        self._max_batch = max_batch
+        self._window_s = window_s
+        self._on_batch = on_batch
+        self._pending: deque[_Request] = deque()
+        self._pending_images = 0
+        self._incoming = 0
+        self._changed = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request whose images are being read, so a forming batch may wait for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._changed.set()
+
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for `images` (N <= max_batch), computed in a batch shared with concurrent calls."""
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Request(images, future))
+        self._pending_images += len(images)
+        self._changed.set()
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _gather(self) -> None:
+        """Wait (at most the window) while announced requests may still join and the batch is not full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._window_s
+        while self._incoming > 0 and self._pending_images < self._max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            if self._window_s > 0:
+                await self._gather()
+            batch: list[_Request] = []
+            count = 0
+            while self._pending and (not batch or count + len(self._pending[0].images) <= self._max_batch):
+                request = self._pending.popleft()
+                batch.append(request)
+                count += len(request.images)
+            self._pending_images -= count
+            live = [r for r in batch if not r.future.done()]  # skip callers that went away
+            if not live:
+                continue
+            images = live[0].images if len(live) == 1 else np.concatenate([r.images for r in live])
+            try:
+                probs = await loop.run_in_executor(self._executor, self.runner.predict, images)
+            except Exception as exc:
+                for request in live:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(images))
+            start = 0
+            for request in live:
+                end = start + len(request.images)
+                if not request.future.done():
+                    request.future.set_result(probs[start:end])
+                start = end
