@@ -1,6 +1,8 @@
-"""The training side: Celery worker, training engine and the job record shared with the API.
+"""The training side, and the contract both sides share.
 
-Modules that the API imports (`config`, `spec`, `jobs`, `errors`, `artifacts`, `celery_app`) never
-import TensorFlow; the engine modules (`data`, `models`, `training`, `export`) do, and are only
-imported inside the worker's child process or the command line.
+Shared with the API (no TensorFlow): `config` (Settings), `spec` (the job request), `jobstore` (the job
+record in Redis), `store` (the artifact store), `queue` (Celery app factory and task names), `imaging`
+(image decoding), `litert` (LiteRT interpreters), `errors`.
+The worker alone: `tasks` (the Celery task, thin), `runner` (one job's life), `cli` (one job without
+Redis or Celery), and `engine/`, the only package that imports TensorFlow or Keras.
 """

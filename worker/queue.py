@@ -1,5 +1,6 @@
-"""The Celery app, configured for long TensorFlow jobs. Imported by the API (to send tasks by name) and the worker.
+"""The Celery app factory and task names, configured for long TensorFlow jobs; no app is built at import.
 
+The API builds its app in its lifespan (to send tasks by name); the worker's is `worker.tasks:app`.
 Nothing here imports TensorFlow: the worker's parent process must never have it loaded before it forks
 its pool child (TensorFlow's threads do not survive a fork). The child imports it itself
 (`worker.tasks`, on `worker_process_init`).

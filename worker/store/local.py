@@ -7,7 +7,8 @@ Layout under `TL_ARTIFACT_DIR`:
     models/{model_id}/curves.png       accuracy and loss per epoch, train vs test
     models/.staging/                   models being written; renamed into `models/` when complete
     aliases.json                       {"alias": "model_id"}, replaced atomically under a file lock
-    feature-cache/                     cached MobileNetV2 features (the engine's, see worker/features.py)
+    feature-cache/, data-cache/,       the engine's caches (frozen-base features, decoded CIFAR-10, TFLite
+    export-templates/                  templates); safe to delete
 
 A model directory appears under its final name only once every file in it is written and fsynced
 (`os.rename` of a complete staging directory), so readers never see a partial model. This module never
