@@ -1,7 +1,7 @@
 """What routes depend on: the settings and the services built in the app's lifespan, as `Annotated` aliases.
 
 The providers are `async def` although they never await: FastAPI runs a plain `def` dependency in its
-thread pool, and each such hand-off costs 50-80 us of CPU (2 cores), more than the dependency itself.
+thread pool, and each such hand-off costs more CPU than the dependency itself.
 """
 
 from __future__ import annotations

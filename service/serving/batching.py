@@ -30,8 +30,8 @@ class MicroBatcher:
 
     A batch waits for more requests only while some are known to be on their way (`incoming`: their
     bodies are still being read or decoded), and never longer than `window_s`; a lone request runs at
-    once. Measured on 2 cores over HTTP: always waiting the full window cost a single client 60% of its
-    throughput (185 vs 456 requests/s) for no gain, while under 16 clients the wait pays off.
+    once: always waiting the full window would cost a single client much of its throughput for no gain
+    (bench/README.md).
     """
 
     def __init__(self, runner: Runner, executor: Executor, max_batch: int, window_s: float,
