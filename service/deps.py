@@ -13,6 +13,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
+from service.datasets import DatasetService
 from service.errors import UnsupportedMediaType
 from service.housekeeping import WorkerCensus
 from service.jobs import JobService
@@ -28,6 +29,7 @@ class Services:
 
     settings: Settings
     jobs: JobService
+    datasets: DatasetService
     registry: ModelRegistry
     cache: ModelCache
     celery: Celery
@@ -56,6 +58,10 @@ async def get_job_service(request: Request) -> JobService:
     return services_of(request).jobs
 
 
+async def get_dataset_service(request: Request) -> DatasetService:
+    return services_of(request).datasets
+
+
 async def get_registry(request: Request) -> ModelRegistry:
     return services_of(request).registry
 
@@ -74,3 +80,4 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+DatasetServiceDep = Annotated[DatasetService, Depends(get_dataset_service)]

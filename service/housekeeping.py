@@ -15,6 +15,7 @@ from contextlib import suppress
 from celery import Celery
 
 from worker.jobstore import REDIS_ERRORS, AsyncJobStore
+from worker.queue import TRAINING_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ async def run_reaper(store: AsyncJobStore, lost_seconds: float, interval: float,
 
 
 class WorkerCensus:
-    """How many Celery workers answer a ping: asked in a thread, at most every `ttl` seconds, never hanging."""
+    """How many training workers answer (Celery workers consuming the `training` queue; the dataset worker does
+    not count): asked in a thread, at most every `ttl` seconds, never hanging."""
 
     def __init__(self, celery: Celery, *, ping_timeout: float = 0.5, ttl: float = 2.0) -> None:
         self._celery = celery
@@ -88,7 +90,8 @@ class WorkerCensus:
         return replies
 
     def _ping(self) -> int:
-        return len(self._celery.control.ping(timeout=self._ping_timeout) or [])
+        replies = self._celery.control.inspect(timeout=self._ping_timeout).active_queues() or {}
+        return sum(1 for queues in replies.values() if any(q.get("name") == TRAINING_QUEUE for q in queues or []))
 
     def forget(self) -> None:
         """Drop the cached count (Redis went away, so the workers are unreachable too)."""

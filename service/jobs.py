@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 from celery import Celery
 
-from service.errors import JobFinished, JobNotFound, QueueUnavailable
+from service.datasets import DatasetService
+from service.errors import InvalidInput, JobFinished, JobNotFound, QueueUnavailable
 from worker.jobstore import REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, failure, utc_now
 from worker.queue import TRAIN_TASK, TRAINING_QUEUE
 from worker.spec import JobCreate
@@ -35,15 +36,24 @@ CANCEL_ATTEMPTS = 5
 class JobService:
     """Jobs as the API sees them, over the job store and the Celery broker."""
 
-    def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float) -> None:
+    def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float, datasets: DatasetService) -> None:
         self.store = store
         self.celery = celery
         self._lost_seconds = lost_seconds
+        self._datasets = datasets
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Record a queued job and send its task; returns the job and whether it is new (False: the job an
         earlier request with the same Idempotency-Key created). If the broker refuses, the job is failed,
-        the key released, and `QueueUnavailable` raised."""
+        the key released, and `QueueUnavailable` raised. The dataset must exist (422) and be ready (409), and
+        hold the subsets asked for (422)."""
+        dataset = await self._datasets.require_ready(spec.dataset)
+        if spec.uploaded:
+            for field, split in (("train_samples", "train"), ("test_samples", "test")):
+                wanted, held = getattr(spec, field), dataset.split_size(split)
+                if wanted is not None and wanted > held:
+                    raise InvalidInput.at(["body", field], f"{field}: {wanted} asked for, but dataset "
+                                          f"{dataset.id!r} holds {held} {split} images")
         job, created = await self.store.create(spec, idempotency)
         if not created:
             return job, False

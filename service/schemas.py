@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.jobstore import Job
 from worker.store import ModelInfo
+from worker.store.datasets import Dataset
 
 JOB_EXAMPLE: dict[str, Any] = {
     "id": "j_5f2c0e8a9b1d4c37",
@@ -19,7 +20,7 @@ JOB_EXAMPLE: dict[str, Any] = {
     "spec": {"model": "transfer", "dataset": "cifar10", "train_samples": 5000, "test_samples": 1000, "epochs": 10,
              "batch_size": 32, "learning_rate": 0.001, "seed": 42, "name": None, "image_size": 96, "alpha": 1.0,
              "dropout": 0.5, "dense_units": [128, 64], "fine_tune_layers": 0, "fine_tune_epochs": 0,
-             "fine_tune_learning_rate": 1e-05},
+             "fine_tune_learning_rate": 1e-05, "class_weight": None, "augment": []},
     "created_at": "2026-11-29T10:00:00.000Z", "started_at": None, "finished_at": None,
     "progress": {"stage": "queued", "epoch": 0, "epochs": 10, "fraction": 0.0},
     "history": [], "metrics": None, "model_id": None, "error": None,
@@ -31,6 +32,12 @@ class JobList(BaseModel):
 
     items: list[Job]
     next_cursor: str | None = None
+
+
+class DatasetList(BaseModel):
+    """Every dataset, newest first; the built-in `cifar10` last."""
+
+    items: list[Dataset]
 
 
 class ModelList(BaseModel):
@@ -89,7 +96,7 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     redis: Literal["ok", "error"]
-    workers: int = Field(ge=0, description="live Celery workers answering a ping")
+    workers: int = Field(ge=0, description="live training workers (0: submitted jobs wait in `queued`)")
 
 
 #: The request bodies predict accepts (read by hand in the route, documented here for OpenAPI clients).

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="API port for the quick-start command")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest predict request body")
     max_batch: int = Field(64, ge=1, le=4096, description="most images in one predict request")
+    max_dataset_bytes: int = Field(2 * 1024**3, ge=1024, description="largest dataset upload (archive bytes)")
 
     # --- our own ---
     allow_download: bool = Field(True, description="let Keras download CIFAR-10 / weights when no local copy")

@@ -391,6 +391,22 @@ class AsyncJobStore:
         statuses = await pipe.execute()
         return [job_id for job_id, status in zip(ids, statuses, strict=True) if status in ACTIVE]
 
+    async def active_job_ids(self, dataset: str) -> builtins.list[str]:
+        """Ids of the queued or running jobs that train on `dataset`."""
+        ids = await self.active_ids()
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "spec")
+        specs = await pipe.execute()
+        users = []
+        for job_id, spec in zip(ids, specs, strict=True):
+            try:
+                if spec and json.loads(spec).get("dataset") == dataset:
+                    users.append(job_id)
+            except (ValueError, AttributeError):
+                continue
+        return users
+
     async def count_by_status(self, limit: int = 10000) -> dict[str, int]:
         ids = [m.split(":", 1)[1] for m in await self.redis.zrevrange(INDEX_KEY, 0, limit - 1)]
         pipe = self.redis.pipeline()

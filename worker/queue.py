@@ -23,15 +23,19 @@ from worker.config import Settings
 
 TRAIN_TASK = "tl.train"
 TRAINING_QUEUE = "training"
+#: Dataset processing has a queue (and a worker) of its own: uploads never wait behind a long training job,
+#: and training never waits behind an upload. It imports no TensorFlow.
+DATASET_TASK = "tl.process_dataset"
+DATASETS_QUEUE = "datasets"
 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (broker, result backend and job store are the same Redis)."""
     app = Celery("tl", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
-        task_queues=[Queue(TRAINING_QUEUE)],
+        task_queues=[Queue(TRAINING_QUEUE), Queue(DATASETS_QUEUE)],
         task_default_queue=TRAINING_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAINING_QUEUE}, DATASET_TASK: {"queue": DATASETS_QUEUE}},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

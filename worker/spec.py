@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 ModelKind = Literal["baseline", "transfer"]
+Augmentation = Literal["flip", "rotate", "zoom", "translate", "contrast"]
+CIFAR10 = "cifar10"
+#: CIFAR-10's defaults and floors for the subset sizes (an uploaded dataset's default is all of it, floor 1).
+CIFAR10_SAMPLES = {"train_samples": (5000, 100), "test_samples": (1000, 100)}
 ALPHAS: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
@@ -44,9 +57,13 @@ class JobCreate(BaseModel):
     )
 
     model: ModelKind = Field(description="small CNN from scratch, or ImageNet MobileNetV2 base + new head")
-    dataset: Literal["cifar10"] = "cifar10"
-    train_samples: int = Field(5000, ge=100, le=50000, description="seeded random subset of the training split")
-    test_samples: int = Field(1000, ge=100, le=10000, description="seeded random subset of the test split")
+    dataset: str = Field(CIFAR10, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                         description="`cifar10` or the id of a `ready` uploaded dataset")
+    train_samples: int | None = Field(None, ge=1, le=50000, validate_default=True, description=(
+        "seeded random subset of the training split (stratified on uploaded datasets); "
+        "default 5000 on cifar10 (at least 100), all on uploaded datasets"))
+    test_samples: int | None = Field(None, ge=1, le=10000, validate_default=True, description=(
+        "seeded random subset of the test split; default 1000 on cifar10 (at least 100), all on uploaded datasets"))
     epochs: int = Field(10, ge=1, le=200)
     batch_size: int = Field(32, ge=8, le=1024)
     learning_rate: float = Field(0.001, gt=0, le=1, description="Adam")
@@ -62,6 +79,11 @@ class JobCreate(BaseModel):
     fine_tune_layers: int = Field(0, ge=0, le=1000, description="transfer only: top base layers unfrozen")
     fine_tune_epochs: int = Field(0, ge=0, le=200, description="transfer only")
     fine_tune_learning_rate: float = Field(0.00001, gt=0, le=1, description="transfer only")
+    class_weight: Literal["balanced"] | None = Field(
+        None, description="`balanced` weights each class's loss by n_samples / (n_classes * n_class)")
+    augment: list[Augmentation] = Field(
+        default_factory=list, max_length=5,
+        description="random augmentation of training images; features of the augmented views are cached too")
 
     @model_validator(mode="after")
     def _check(self) -> JobCreate:
@@ -69,7 +91,26 @@ class JobCreate(BaseModel):
             given = sorted(set(TRANSFER_FIELDS) & self.model_fields_set)
             if given:
                 raise ValueError(f"{', '.join(given)}: transfer-only field(s), not allowed for a baseline job")
+        if len(set(self.augment)) != len(self.augment):
+            raise ValueError("augment: each augmentation at most once")
         return self
+
+    @field_validator("train_samples", "test_samples")
+    @classmethod
+    def _cifar10_samples(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("dataset") != CIFAR10:
+            return value
+        default, floor = CIFAR10_SAMPLES[str(info.field_name)]
+        if value is None:
+            return default
+        if value < floor:
+            raise ValueError(f"at least {floor} on cifar10")
+        return value
+
+    @property
+    def uploaded(self) -> bool:
+        """Trained on an uploaded dataset rather than the built-in CIFAR-10."""
+        return self.dataset != CIFAR10
 
     @property
     def fine_tuning(self) -> bool:

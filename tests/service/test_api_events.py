@@ -115,7 +115,7 @@ def test_the_stream_sends_keep_alive_comments_and_polls_without_notices(redis_ur
         store = AsyncJobStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
         chunks: list[bytes] = []
         try:
-            jobs = JobService(store, celery=None, lost_seconds=45)  # type: ignore[arg-type]  # no broker used
+            jobs = JobService(store, celery=None, lost_seconds=45, datasets=None)  # type: ignore[arg-type]  # unused here
             stream = jobs.events(created, poll_seconds=0.1, heartbeat_seconds=0.3)
             async for chunk in stream:
                 chunks.append(chunk)

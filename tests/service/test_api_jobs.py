@@ -47,7 +47,8 @@ def test_create_job_answers_202_with_location_and_every_default(client: TestClie
     assert job["spec"] == {"model": "transfer", "dataset": "cifar10", "train_samples": 5000, "test_samples": 1000,
                            "epochs": 10, "batch_size": 32, "learning_rate": 0.001, "seed": 42, "name": None,
                            "image_size": 96, "alpha": 1.0, "dropout": 0.5, "dense_units": [128, 64],
-                           "fine_tune_layers": 0, "fine_tune_epochs": 0, "fine_tune_learning_rate": 0.00001}
+                           "fine_tune_layers": 0, "fine_tune_epochs": 0, "fine_tune_learning_rate": 0.00001,
+                           "class_weight": None, "augment": []}
     assert job["progress"] == {"stage": "queued", "epoch": 0, "epochs": 10, "fraction": 0.0}
     assert job["history"] == [] and job["metrics"] is None and job["model_id"] is None and job["error"] is None
     assert job["started_at"] is None and job["finished_at"] is None

@@ -37,8 +37,9 @@ def test_models_are_listed_newest_first_with_the_api_fields(client: TestClient, 
     items = client.get("/v1/models").json()["items"]
     assert [m["id"] for m in items] == [NEW, OLD]
     model = items[0]
-    assert set(model) == {"id", "name", "kind", "job_id", "created_at", "classes", "input_shape", "spec", "metrics",
-                          "aliases"}
+    assert set(model) == {"id", "name", "kind", "job_id", "created_at", "classes", "input_shape", "dataset", "spec",
+                          "metrics", "aliases"}
+    assert model["dataset"]["id"] == "cifar10" and model["dataset"]["name"] == "CIFAR-10"
     assert model["name"] == "new" and model["kind"] == "baseline" and model["job_id"] == "j_servicetests"
     assert model["classes"] == list(CLASS_NAMES) and model["input_shape"] == [32, 32, 3]
     assert model["spec"]["model"] == "baseline" and model["spec"]["epochs"] == 6

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_helpers import REPO, assert_problem, make_settings
+from svc_helpers import assert_problem, make_settings
+from testkit import REPO
 
 from worker.config import Settings
 
@@ -66,6 +67,8 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("/v1/models/{ref}/curves.png", "get"),
         ("/v1/models/{ref}/predict", "post"), ("/v1/predict", "post"), ("/v1/aliases", "get"),
         ("/v1/aliases/{alias}", "put"), ("/v1/aliases/{alias}", "delete"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/v1/datasets", "post"), ("/v1/datasets", "get"), ("/v1/datasets/{dataset_id}", "get"),
+        ("/v1/datasets/{dataset_id}", "delete"), ("/v1/datasets/{dataset_id}/preview.png", "get"),
         ("/metrics", "get"),
     }
     found = {(path, method) for path, ops in schema["paths"].items() for method in ops}

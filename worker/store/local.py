@@ -41,6 +41,8 @@ KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 METADATA_FILE = "metadata.json"
 CURVES_FILE = "curves.png"
+#: Models trained before datasets existed were all trained on CIFAR-10.
+CIFAR10_REF: dict[str, Any] = {"id": "cifar10", "name": "CIFAR-10", "sha256": None}
 _STAGING = ".staging"
 _TRASH = ".trash"
 
@@ -55,6 +57,8 @@ class ModelInfo(BaseModel):
     created_at: str
     classes: list[str]
     input_shape: list[int] = Field(default_factory=lambda: [32, 32, 3])
+    dataset: dict[str, Any] = Field(default_factory=lambda: dict(CIFAR10_REF),
+                                    description="the dataset it was trained on: id, name, sha256")
     spec: dict[str, Any]
     metrics: dict[str, Any]
     aliases: list[str] = Field(default_factory=list)
@@ -64,7 +68,7 @@ def valid_id(value: str) -> bool:
     return bool(ID_PATTERN.fullmatch(value))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -131,9 +135,9 @@ class ModelStore:
             for child in staging.iterdir():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.rename(staging, final)
-            _fsync_dir(self.models_dir)
+            fsync_dir(self.models_dir)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ArtifactWriteError(
@@ -190,6 +194,7 @@ class ModelStore:
         return ModelInfo.model_validate({
             **{k: meta.get(k) for k in ("id", "name", "kind", "job_id", "created_at", "classes", "spec", "metrics")},
             "input_shape": meta.get("input_shape", [32, 32, 3]),
+            "dataset": meta.get("dataset") or dict(CIFAR10_REF),
             "aliases": sorted(a for a, m in aliases.items() if m == model_id),
         })
 
