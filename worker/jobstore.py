@@ -29,7 +29,7 @@ from typing import Any, Literal
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.spec import JobCreate
 
@@ -99,7 +99,21 @@ class EpochRecord(BaseModel):
     seconds: float
 
 
+class ClassMetrics(BaseModel):
+    """One class's scores on the test subset."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    class_: str = Field(alias="class", serialization_alias="class")
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
 class Metrics(BaseModel):
+    """A succeeded job's figures; the evaluation fields are absent on jobs recorded before they existed."""
+
     train_accuracy: float
     test_accuracy: float
     test_loss: float
@@ -107,6 +121,9 @@ class Metrics(BaseModel):
     params_trainable: int
     params_non_trainable: int
     train_seconds: float
+    macro_f1: float | None = None
+    per_class: list[ClassMetrics] | None = None
+    confusion_matrix: list[list[int]] | None = Field(None, description="row = true class, column = predicted")
 
 
 class JobError(BaseModel):
