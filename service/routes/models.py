@@ -16,6 +16,7 @@ from service.errors import (
 )
 from service.schemas import Alias, AliasList, AliasSet, ModelList
 from worker.store import (
+    CONFUSION_FILE,
     CURVES_FILE,
     KERAS_FILE,
     TFLITE_FILE,
@@ -85,6 +86,19 @@ async def download_weights(
 async def read_curves(ref: str, registry: RegistryDep) -> FileResponse:
     """The training curves of a model as a PNG."""
     _, path = await registry.file(ref, CURVES_FILE, "training curves")
+    return await run_in_threadpool(_file_response, path, "image/png")
+
+
+@router.get(
+    "/models/{ref}/confusion.png",
+    response_class=FileResponse,
+    responses={200: {"description": "the test subset's confusion matrix, labelled with the class names",
+                     "content": {"image/png": _BINARY}},
+               **problem_responses(401, 404, 503)},
+)
+async def read_confusion(ref: str, registry: RegistryDep) -> FileResponse:
+    """The confusion matrix of a model on its test subset as a PNG."""
+    _, path = await registry.file(ref, CONFUSION_FILE, "confusion matrix")
     return await run_in_threadpool(_file_response, path, "image/png")
 
 

@@ -64,7 +64,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
         ("/v1/jobs/{job_id}/events", "get"), ("/v1/models", "get"), ("/v1/models/{ref}", "get"),
         ("/v1/models/{model_id}", "delete"), ("/v1/models/{ref}/weights", "get"),
-        ("/v1/models/{ref}/curves.png", "get"),
+        ("/v1/models/{ref}/curves.png", "get"), ("/v1/models/{ref}/confusion.png", "get"),
         ("/v1/models/{ref}/predict", "post"), ("/v1/predict", "post"), ("/v1/aliases", "get"),
         ("/v1/aliases/{alias}", "put"), ("/v1/aliases/{alias}", "delete"), ("/healthz", "get"), ("/readyz", "get"),
         ("/v1/datasets", "post"), ("/v1/datasets", "get"), ("/v1/datasets/{dataset_id}", "get"),

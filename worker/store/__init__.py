@@ -6,6 +6,7 @@ No TensorFlow here: the API reads the store through this package. `local` keeps 
 
 from worker.store.local import (
     ALIAS_PATTERN,
+    CONFUSION_FILE,
     CURVES_FILE,
     ID_PATTERN,
     KERAS_FILE,
@@ -20,6 +21,7 @@ from worker.store.local import (
 )
 
 __all__ = [
-    "ALIAS_PATTERN", "CURVES_FILE", "ID_PATTERN", "KERAS_FILE", "METADATA_FILE", "RESERVED_ALIASES", "TFLITE_FILE",
+    "ALIAS_PATTERN", "CONFUSION_FILE", "CURVES_FILE", "ID_PATTERN", "KERAS_FILE", "METADATA_FILE", "RESERVED_ALIASES",
+    "TFLITE_FILE",
     "ModelInfo", "ModelStore", "valid_id", "write_atomic", "write_json_atomic",
 ]

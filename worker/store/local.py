@@ -5,6 +5,7 @@ Layout under `TL_ARTIFACT_DIR`:
     models/{model_id}/model.tflite     the TensorFlow Lite export served by the API (when the export passed)
     models/{model_id}/metadata.json    spec, metrics, history, parameter counts, data and weights provenance
     models/{model_id}/curves.png       accuracy and loss per epoch, train vs test
+    models/{model_id}/confusion.png    the test subset's confusion matrix, labelled with the class names
     models/.staging/                   models being written; renamed into `models/` when complete
     aliases.json                       {"alias": "model_id"}, replaced atomically under a file lock
     feature-cache/, data-cache/,       the engine's caches (frozen-base features, decoded CIFAR-10, TFLite
@@ -41,6 +42,7 @@ KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 METADATA_FILE = "metadata.json"
 CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
 #: Models trained before datasets existed were all trained on CIFAR-10.
 CIFAR10_REF: dict[str, Any] = {"id": "cifar10", "name": "CIFAR-10", "sha256": None}
 _STAGING = ".staging"
