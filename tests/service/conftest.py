@@ -1,4 +1,4 @@
-"""Fixtures of the service's unit tests: the real local Redis (a database index of our own, flushed before
+"""Fixtures of the service's unit tests: the session's Redis (database `testkit.SERVICE_DB`, flushed before
 and after each test), a temporary artifact store, and `with TestClient(app)` so the lifespan runs."""
 
 from __future__ import annotations
@@ -11,23 +11,19 @@ from pathlib import Path
 
 import pytest
 import redis
+import testkit
 from fastapi.testclient import TestClient
-from svc_helpers import REPO, SERVICE_TEST_DB, data_dir, make_settings
+from svc_helpers import make_settings
 
-from service.launcher import ensure_redis
 from service.main import create_app
 from worker.config import Settings
 from worker.jobstore import JobStore
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The local Redis on 6379, or a throwaway redis-server when none answers."""
-    child, url = ensure_redis(f"redis://127.0.0.1:6379/{SERVICE_TEST_DB}", tmp_path_factory.mktemp("redis"),
-                              sink=lambda name, line: None)
-    yield url
-    if child is not None:
-        child.stop()
+def redis_url(redis_server: testkit.RedisServer) -> str:
+    """The service tests' database on the session's Redis."""
+    return redis_server.url(testkit.SERVICE_DB)
 
 
 @pytest.fixture
@@ -101,11 +97,9 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Trained in a child process, so TensorFlow never enters this one: like the API, the tests serve the
     model through LiteRT (the Keras fallback test imports TensorFlow on purpose)."""
-    data = data_dir()
-    if not (data / "cifar10" / "train.npz").is_file():
-        pytest.skip(f"real CIFAR-10 not found under {data} (set TL_DATA_DIR)")
+    data = testkit.require_data()
     out = tmp_path_factory.mktemp("trained")
     done = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(out), str(data), json.dumps(TRAIN_SPEC)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=testkit.REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     return Path(json.loads(done.stdout.strip().splitlines()[-1])["model_dir"])

@@ -11,28 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import testkit
 from PIL import Image
 
 from worker.config import Settings
 from worker.store import METADATA_FILE, TFLITE_FILE
 
-#: Our own database index (the integration tests use 13, the default config 0).
-SERVICE_TEST_DB = 12
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-
-
-def data_dir() -> Path:
-    """TL_DATA_DIR when it holds CIFAR-10 (as in CI), else ../shared/data beside the repository."""
-    configured = Settings().data_dir
-    return configured if (configured / "cifar10" / "test.npz").is_file() else SHARED / "data"
-
 
 def make_settings(redis_url: str, artifact_dir: Path, **overrides: Any) -> Settings:
     """Settings for one test; every value the tests rely on is given, so TL_* variables cannot leak in."""
     values: dict[str, Any] = {
-        "redis_url": redis_url, "artifact_dir": artifact_dir, "data_dir": data_dir(),
-        "weights_dir": SHARED / "weights", "api_key": None, "max_upload_bytes": 10 * 1024 * 1024, "max_batch": 64,
+        "redis_url": redis_url, "artifact_dir": artifact_dir,
+        "data_dir": testkit.data_dir() or testkit.SHARED / "data",
+        "weights_dir": testkit.weights_dir() or testkit.SHARED / "weights",
+        "api_key": None, "max_upload_bytes": 10 * 1024 * 1024, "max_batch": 64,
         "model_cache_size": 4, "batch_window_ms": 2.0, "serving_threads": 2, "job_lost_seconds": 45.0,
         "allow_download": False,
     }
@@ -76,7 +68,7 @@ def add_model(artifact_dir: Path, source: Path, model_id: str, *, created_at: st
 
 def cifar_test_images(count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`count` real CIFAR-10 test images (uint8 Nx32x32x3) and their labels."""
-    with np.load(data_dir() / "cifar10" / "test.npz") as data:
+    with np.load(testkit.cifar10_npz("test")) as data:
         return data["x"][start:start + count], data["y"][start:start + count].astype(int).ravel()
 
 

@@ -1,8 +1,8 @@
 """Fixtures for the training engine's tests: settings pointing at the shared real data and weights.
 
-TL_DATA_DIR / TL_WEIGHTS_DIR win when set; otherwise `../shared` next to the repository (as in CI). Each test
-gets its own artifact directory. Tests that need the real files are marked `realdata` and skip cleanly when the
-files are absent.
+The real files are found by `testkit` (TL_DATA_DIR / TL_WEIGHTS_DIR when they hold them, else `../shared` next
+to the repository, as in CI). Each test gets its own artifact directory. Tests that need the real files are
+marked `realdata` and skip cleanly when the files are absent.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import testkit
 
 from worker.config import Settings
 from worker.jobstore import EpochRecord
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,30 +24,12 @@ def pytest_configure(config: pytest.Config) -> None:
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
-def _shared_settings() -> Settings:
-    settings = Settings()
-    update: dict[str, object] = {}
-    if not (settings.data_dir / "cifar10" / "train.npz").is_file():
-        update["data_dir"] = SHARED / "data"
-    if settings.weights_dir is None:
-        update["weights_dir"] = SHARED / "weights"
-    return settings.model_copy(update=update)
-
-
-def real_files_present(settings: Settings) -> bool:
-    weights = settings.weights_dir
-    return (settings.data_dir / "cifar10" / "train.npz").is_file() and weights is not None and any(
-        weights.glob("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_*_no_top.h5"))
-
-
 @pytest.fixture(scope="session")
 def shared_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = _shared_settings()
-    if not real_files_present(settings):
-        pytest.skip(f"real CIFAR-10 / MobileNetV2 files not found under {settings.data_dir} / {settings.weights_dir}")
+    data, weights = testkit.require_data(), testkit.require_weights()
     # An artifact directory of the session's own, so the decoded-data cache never lands in the checkout.
-    return settings.model_copy(update={"allow_download": False,
-                                       "artifact_dir": tmp_path_factory.mktemp("shared-artifacts")})
+    return Settings().model_copy(update={"data_dir": data, "weights_dir": weights, "allow_download": False,
+                                         "artifact_dir": tmp_path_factory.mktemp("shared-artifacts")})
 
 
 @pytest.fixture

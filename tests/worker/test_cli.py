@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from testkit import REPO
 
 from worker.config import Settings
 from worker.jobstore import Metrics
 from worker.spec import JobCreate
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], settings: Settings | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import testkit
 
-from service.launcher import ensure_redis
 from worker.jobstore import EpochRecord, JobStore, Progress, cancel_key, utc_now
 from worker.runner import (
     CANCEL_POLL_SECONDS,
@@ -21,9 +21,6 @@ from worker.runner import (
     _StopOnSigterm,
 )
 from worker.spec import JobCreate
-
-#: Our own database index (service tests use 12, integration tests 13).
-TEST_DB = 14
 
 
 class Clock:
@@ -37,12 +34,8 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    child, url = ensure_redis(f"redis://127.0.0.1:6379/{TEST_DB}", tmp_path_factory.mktemp("redis"),
-                              sink=lambda name, line: None)
-    yield url
-    if child is not None:
-        child.stop()
+def redis_url(redis_server: testkit.RedisServer) -> str:
+    return redis_server.url(testkit.RUNNER_DB)
 
 
 @pytest.fixture

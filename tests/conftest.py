@@ -1,0 +1,21 @@
+"""Fixtures every test folder shares: the session's one Redis server (see testkit for the rest)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import testkit  # first: it puts the repository ahead of tests/ on sys.path
+
+from service.launcher import ensure_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testkit.RedisServer]:
+    """The local Redis on 127.0.0.1:6379 when it answers, else a throwaway bundled redis-server (stopped at the
+    end of the session). Suites use a database index of their own on it (`testkit.*_DB`)."""
+    workdir = tmp_path_factory.mktemp("redis")
+    child, url = ensure_redis("redis://127.0.0.1:6379/0", workdir, log_file=workdir / "redis.log")
+    yield testkit.RedisServer.from_url(url)
+    if child is not None:
+        child.stop()
