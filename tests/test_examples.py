@@ -10,17 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from integration.harness import (
-    API_KEY,
-    Stack,
-    cifar10_test_images,
-    png_bytes,
-    require_realdata,
-    require_weights,
-    shared_stack,
-)
+import testkit
+from integration.harness import API_KEY, Stack, cifar10_test_images, png_bytes, shared_stack
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = testkit.REPO / "examples"
 SCRIPTS = ["train_baseline.sh", "train_transfer.sh", "watch_job.sh", "predict.sh", "reproduce_seed.sh"]
 #: Small settings the scripts take from the environment, so the whole file runs in a couple of minutes.
 SMALL = {"TRAIN_SAMPLES": "200", "TEST_SAMPLES": "100", "EPOCHS": "1", "IMAGE_SIZE": "32", "POLL": "1"}
@@ -37,18 +30,18 @@ def test_script_is_executable_bash(script: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest) -> Stack:
-    return shared_stack(request.config)
+def stack(request: pytest.FixtureRequest, redis_server: testkit.RedisServer) -> Stack:
+    return shared_stack(request, redis_server)
 
 
 @pytest.fixture(scope="module")
 def realdata() -> None:
-    require_realdata()
+    testkit.require_data()
 
 
 @pytest.fixture(scope="module")
-def weights() -> None:
-    require_weights()
+def weights(realdata: None) -> None:
+    testkit.require_weights()
 
 
 def run(stack: Stack, *args: str, timeout: float = 300, key: str = API_KEY,

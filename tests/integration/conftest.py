@@ -7,8 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
+import testkit
 
-from .harness import BASELINE_SMALL, Stack, require_realdata, require_weights, shared_stack, train
+from .harness import BASELINE_SMALL, Stack, shared_stack, train
 
 #: The transfer model the prediction and model tests share: small, but clearly better than chance.
 TRANSFER_SMALL: dict[str, Any] = {"model": "transfer", "train_samples": 600, "test_samples": 200, "epochs": 3,
@@ -16,8 +17,8 @@ TRANSFER_SMALL: dict[str, Any] = {"model": "transfer", "train_samples": 600, "te
 
 
 @pytest.fixture(scope="session")
-def stack(request: pytest.FixtureRequest) -> Stack:
-    return shared_stack(request.config)
+def stack(request: pytest.FixtureRequest, redis_server: testkit.RedisServer) -> Stack:
+    return shared_stack(request, redis_server)
 
 
 @pytest.fixture
@@ -38,12 +39,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def realdata() -> None:
-    require_realdata()
+    testkit.require_data()
 
 
 @pytest.fixture(scope="session")
-def weights() -> None:
-    require_weights()
+def weights(realdata: None) -> None:
+    testkit.require_weights()
 
 
 @pytest.fixture(scope="session")

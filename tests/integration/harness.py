@@ -1,16 +1,16 @@
 """Real processes for the integration tests: Redis, a Celery worker and uvicorn, as `make run` starts them.
 
-- Redis: the one at 127.0.0.1:6379 when it answers (database `TEST_DB`, flushed before and after), else the
-  bundled `redis-server` on a free port (`service.launcher.ensure_redis`, the code `make run` uses);
+- Redis: the session's server (the `redis_server` fixture of tests/conftest.py; database `TEST_DB`, flushed
+  before and after), or one of the stack's own (`private_redis`, or no URL given, as bench/ starts it);
 - one Celery worker (prefork, concurrency 1) and uvicorn `service.main:app` on a free port;
-- artifacts in a temporary directory; `TL_DATA_DIR` / `TL_WEIGHTS_DIR` from the environment; short
+- artifacts in a temporary directory; the real data and weights where `testkit` finds them; short
   heartbeat and lost-worker times so the lost-worker test finishes in seconds; an API key, so every
   request also goes through authentication.
 
 One stack serves the whole session (`shared_stack`): starting a worker costs a TensorFlow import. Every
-process is stopped at the end of the session, on failure and Ctrl-C included (`config.add_cleanup`), and
-dies with the test process if that is killed (`die_with_parent`). Each child's output is in
-`<tmp>/logs/<name>.log`; a failing test prints their tails.
+process is stopped at the end of the session, on failure and Ctrl-C included (a session finalizer, run
+before the session's Redis stops), and dies with the test process if that is killed (`die_with_parent`).
+Each child's output is in `<tmp>/logs/<name>.log`; a failing test prints their tails.
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ import redis
 from service.launcher import (
     Child,
     celery_worker_argv,
-    ensure_redis,
     free_port,
     start_local_redis,
     uvicorn_argv,
 )
 
-TEST_DB = 13
+try:
+    import testkit
+except ImportError:  # imported as `tests.integration.harness` (bench/), without pytest's sys.path
+    from tests import testkit
+
+TEST_DB = testkit.INTEGRATION_DB
 API_KEY = "integration-test-key"
 HEARTBEAT_SECONDS = 2
 LOST_SECONDS = 15
@@ -50,55 +54,13 @@ BASELINE_SMALL: dict[str, Any] = {"model": "baseline", "train_samples": 300, "te
                                   "epochs": 1, "batch_size": 32, "seed": 1}
 
 
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value).expanduser() if value else None
-
-
-def cifar10_dir() -> Path | None:
-    """`TL_DATA_DIR` when it holds CIFAR-10 in a form the engine reads, else None."""
-    root = _env_path("TL_DATA_DIR")
-    if root is None:
-        return None
-    if (root / "cifar10" / "train.npz").is_file() and (root / "cifar10" / "test.npz").is_file():
-        return root
-    if (root / "cifar-10-python.tar.gz").is_file() or (root / "cifar-10-batches-py").is_dir():
-        return root
-    return None
-
-
-def mobilenet_weights_dir() -> Path | None:
-    """`TL_WEIGHTS_DIR` when it holds an alpha-1.0 MobileNetV2 no-top weight file, else None."""
-    root = _env_path("TL_WEIGHTS_DIR")
-    if root is None or not root.is_dir():
-        return None
-    found = any(root.glob("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_*_no_top.h5"))
-    return root if found else None
-
-
-NO_DATA = ("needs real CIFAR-10: set TL_DATA_DIR to a directory with cifar10/train.npz and cifar10/test.npz "
-           "(CI: ../shared/data)")
-NO_WEIGHTS = ("needs the MobileNetV2 ImageNet weights: set TL_WEIGHTS_DIR to a directory with "
-              "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5 (CI: ../shared/weights)")
-
-
-def require_realdata() -> None:
-    if cifar10_dir() is None:
-        pytest.skip(NO_DATA)
-
-
-def require_weights() -> None:
-    require_realdata()
-    if mobilenet_weights_dir() is None:
-        pytest.skip(NO_WEIGHTS)
-
-
 class Stack:
     """Redis + worker + API for tests; `client()` talks to the API with the key."""
 
-    def __init__(self, private_redis: bool = False, extra_env: dict[str, str] | None = None) -> None:
-        #: Always start a Redis server of our own (one a test may stop, restart or wipe), never reuse 6379.
-        self.private_redis = private_redis
+    def __init__(self, private_redis: bool = False, extra_env: dict[str, str] | None = None,
+                 redis_url: str | None = None) -> None:
+        #: Start a Redis server of our own (one a test may stop, restart or wipe) rather than use `redis_url`.
+        self.private_redis = private_redis or redis_url is None
         self.extra_env = dict(extra_env or {})  # more TL_* settings for the children (benchmarks)
         self.tmp = Path(tempfile.mkdtemp(prefix="tl-it-"))
         self.logs = self.tmp / "logs"
@@ -107,7 +69,7 @@ class Stack:
         self.redis_child: Child | None = None
         self.workers: list[Child] = []
         self.api: Child | None = None
-        self.redis_url = ""
+        self.redis_url = redis_url or ""
         self.base_url = ""
         self.env: dict[str, str] = {}
 
@@ -129,9 +91,9 @@ class Stack:
         return self
 
     def _start_redis(self) -> None:
-        start = start_local_redis if self.private_redis else ensure_redis
-        self.redis_child, self.redis_url = start(
-            f"redis://127.0.0.1:6379/{TEST_DB}", self.tmp, log_file=self.logs / "redis.log")
+        if self.private_redis:
+            self.redis_child, self.redis_url = start_local_redis(
+                f"redis://127.0.0.1:6379/{TEST_DB}", self.tmp, log_file=self.logs / "redis.log")
         self.redis().flushdb()
 
     def _child_env(self) -> dict[str, str]:
@@ -140,7 +102,7 @@ class Stack:
             "TL_REDIS_URL": self.redis_url,
             "TL_ARTIFACT_DIR": str(self.artifact_dir),
             # No data given: point at an empty directory (never the developer's ./data) and never download.
-            "TL_DATA_DIR": str(cifar10_dir() or self.tmp / "no-data"),
+            "TL_DATA_DIR": str(testkit.data_dir() or self.tmp / "no-data"),
             "TL_ALLOW_DOWNLOAD": "false",
             "TL_API_KEY": API_KEY,
             "TL_JOB_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
@@ -148,7 +110,7 @@ class Stack:
             "TL_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         })
-        weights = mobilenet_weights_dir()
+        weights = testkit.weights_dir()
         if weights is not None:
             env["TL_WEIGHTS_DIR"] = str(weights)
         env.update(self.extra_env)
@@ -235,19 +197,24 @@ class Stack:
 _shared: Stack | None = None
 
 
-def shared_stack(config: pytest.Config) -> Stack:
-    """The session's stack, started on first use and stopped when the session ends."""
+def shared_stack(request: pytest.FixtureRequest, redis_server: testkit.RedisServer) -> Stack:
+    """The session's stack on `redis_server`, started on first use and stopped when the session ends.
+
+    Call it from a fixture that requests `redis_server`: the stack is stopped by a session finalizer added after
+    that fixture was set up, so before the session's Redis stops (`config.add_cleanup` only if that never ran)."""
     global _shared
     if _shared is None:
-        stack = Stack().start()
+        stack = Stack(redis_url=redis_server.url(TEST_DB)).start()
         _shared = stack
 
         def _stop() -> None:
             global _shared
-            _shared = None
-            stack.stop()
+            if _shared is stack:
+                _shared = None
+                stack.stop()
 
-        config.add_cleanup(_stop)
+        request.session.addfinalizer(_stop)
+        request.config.add_cleanup(_stop)
     return _shared
 
 
@@ -311,11 +278,7 @@ def cifar10_test_images(count: int, seed: int = 0) -> tuple[Any, Any]:
     """`count` images (uint8 Nx32x32x3) and labels drawn from the real CIFAR-10 test split."""
     import numpy as np
 
-    root = cifar10_dir()
-    path = root / "cifar10" / "test.npz" if root is not None else None
-    if path is None or not path.is_file():
-        pytest.skip(NO_DATA)
-    with np.load(path) as data:
+    with np.load(testkit.cifar10_npz("test")) as data:
         x, y = data["x"], data["y"].reshape(-1)
     index = np.random.default_rng(seed).choice(len(x), size=count, replace=False)
     return x[index], y[index].astype(int)
@@ -333,12 +296,8 @@ def png_bytes(image: Any) -> bytes:
 
 
 def train_split_size() -> int:
-    """How many images the training split under TL_DATA_DIR holds (npz form)."""
+    """How many images the real training split holds (npz form)."""
     import numpy as np
 
-    root = cifar10_dir()
-    path = root / "cifar10" / "train.npz" if root is not None else None
-    if path is None or not path.is_file():
-        pytest.skip(NO_DATA)
-    with np.load(path) as data:
+    with np.load(testkit.cifar10_npz("train")) as data:
         return int(data["y"].shape[0])

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import testkit
 
 from service.launcher import Child, local_redis_argv, redis_answers, uvicorn_argv
 
@@ -24,7 +25,6 @@ from .harness import (
     Stack,
     cifar10_test_images,
     png_bytes,
-    require_realdata,
     submit,
     train,
     wait_for,
@@ -75,7 +75,7 @@ class FaultStack(Stack):
 
 @pytest.fixture(scope="module")
 def faults() -> Iterator[FaultStack]:
-    require_realdata()
+    testkit.require_data()
     stack = FaultStack().start()
     try:
         yield stack

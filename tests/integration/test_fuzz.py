@@ -24,17 +24,16 @@ import pytest
 import redis
 import requests
 import schemathesis
+import testkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service.launcher import Child, ensure_redis, free_port, uvicorn_argv
+from service.launcher import Child, free_port, uvicorn_argv
 
-from .harness import API_KEY, cifar10_dir, require_realdata, wait_for
+from .harness import API_KEY, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
-
-FUZZ_DB = 10
 #: Generated requests per operation and generation mode.
 EXAMPLES = 25
 
@@ -49,12 +48,10 @@ def train_tiny_model(artifacts: Path, env: dict[str, str]) -> str:
 
 
 class FuzzServer:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], url: str) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="tl-fuzz-"))
         self.artifacts = self.tmp / "artifacts"
         self.model_id = train_tiny_model(self.artifacts, env)
-        self.redis_child, url = ensure_redis(f"redis://127.0.0.1:6379/{FUZZ_DB}", self.tmp,
-                                             log_file=self.tmp / "redis.log")
         self.redis_url = url
         redis.Redis.from_url(url).flushdb()
         port = free_port()
@@ -72,19 +69,16 @@ class FuzzServer:
 
     def stop(self) -> None:
         self.api.stop(grace=5)
-        if self.redis_child is not None:
-            self.redis_child.stop(grace=2)
-        else:
-            redis.Redis.from_url(self.redis_url).flushdb()
+        redis.Redis.from_url(self.redis_url).flushdb()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[FuzzServer]:
-    require_realdata()
+def fuzz_server(redis_server: testkit.RedisServer) -> Iterator[FuzzServer]:
+    data = testkit.require_data()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TL_")}
-    env.update({"TL_DATA_DIR": str(cifar10_dir()), "TL_ALLOW_DOWNLOAD": "false", "PYTHONUNBUFFERED": "1"})
-    server = FuzzServer(env)
+    env.update({"TL_DATA_DIR": str(data), "TL_ALLOW_DOWNLOAD": "false", "PYTHONUNBUFFERED": "1"})
+    server = FuzzServer(env, redis_server.url(testkit.FUZZ_DB))
     try:
         yield server
     finally:

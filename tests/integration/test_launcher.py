@@ -13,14 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from testkit import REPO, data_dir
 
 from service.launcher import free_port
 
-from .harness import BASELINE_SMALL, cifar10_dir, wait_for, wait_job
+from .harness import BASELINE_SMALL, wait_for, wait_job
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Launcher:
@@ -87,7 +86,7 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
         "TL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there: the bundled Redis starts
         "TL_PORT": str(free_port()),
         "TL_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-        "TL_DATA_DIR": str(cifar10_dir() or tmp_path / "no-data"),
+        "TL_DATA_DIR": str(data_dir() or tmp_path / "no-data"),
         "TL_ALLOW_DOWNLOAD": "false",
     })
     return env
@@ -108,7 +107,7 @@ def test_launcher_serves_trains_and_stops_cleanly_twice(launcher_env: dict[str, 
             ready = wait_for(lambda: (r := httpx.get(f"{base}/readyz", timeout=10)).json().get("workers", 0) >= 1
                              and r.json(), timeout=120, what="a worker in /readyz")
             assert ready["redis"] == "ok"
-            if attempt == 1 and cifar10_dir() is not None:
+            if attempt == 1 and data_dir() is not None:
                 with httpx.Client(base_url=base, timeout=30) as client:
                     response = client.post("/v1/jobs", json={**BASELINE_SMALL, "train_samples": 100})
                     assert response.status_code == 202
