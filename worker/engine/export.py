@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worker.litert import run_batches
 from worker.store import KERAS_FILE, TFLITE_FILE, write_atomic
 
 log = logging.getLogger(__name__)
@@ -85,47 +85,6 @@ def _quiet() -> Any:
             yield
     finally:
         absl.setLevel(level)
-
-
-def run_tflite(content: bytes, images: np.ndarray, *, batch_size: int, threads: int | None = None,
-               on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Outputs of a TFLite model over `images` in batches, with the serving runtime (LiteRT, XNNPACK).
-
-    The interpreter is resized only when the batch size changes (the last batch); results go straight into
-    one preallocated array. `on_batch(done, total)` is called after each batch.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    from worker.engine.features import cpu_threads
-
-    interpreter = Interpreter(model_content=content, num_threads=threads or cpu_threads())
-    inp = interpreter.get_input_details()[0]
-    out_index = interpreter.get_output_details()[0]["index"]
-    total = int(images.shape[0])
-    out: np.ndarray | None = None
-    current = None
-    for start in range(0, total, batch_size):
-        chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
-        if current != len(chunk):
-            interpreter.resize_tensor_input(inp["index"], [len(chunk), *chunk.shape[1:]])
-            interpreter.allocate_tensors()
-            current = len(chunk)
-        interpreter.set_tensor(inp["index"], chunk)
-        interpreter.invoke()
-        result = interpreter.get_tensor(out_index)
-        if out is None:
-            out = np.empty((total, *result.shape[1:]), dtype=np.float32)
-        out[start:start + len(chunk)] = result
-        if on_batch is not None:
-            on_batch(min(start + batch_size, total), total)
-    assert out is not None, "no images to run the model on"
-    return out
-
-
-def tflite_predict(content: bytes, images: np.ndarray, batch_size: int = CHECK_BATCH, threads: int | None = None,
-                   ) -> np.ndarray:
-    """Probabilities of a TFLite model for float32/uint8 images (N, 32, 32, 3), with the serving runtime."""
-    return run_tflite(content, images, batch_size=batch_size, threads=threads)
 
 
 class TemplateUnusable(Exception):
@@ -371,7 +330,7 @@ def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, direc
 
 def _check(content: bytes, images: np.ndarray, keras_probs: np.ndarray) -> dict[str, Any]:
     started = time.perf_counter()
-    probs = tflite_predict(content, images)
+    probs = run_batches(content, images, batch_size=CHECK_BATCH)
     seconds = round(time.perf_counter() - started, 3)
     agreement = float(np.mean(probs.argmax(axis=1) == keras_probs.argmax(axis=1)))
     max_diff = float(np.max(np.abs(probs - keras_probs)))

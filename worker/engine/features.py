@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.litert import run_batches
 from worker.store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -191,13 +192,6 @@ def extract_features(
     return out
 
 
-def cpu_threads() -> int:
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not on Linux
-        return max(os.cpu_count() or 1, 1)
-
-
 def litert_version() -> str:
     from importlib.metadata import version
 
@@ -210,10 +204,9 @@ def extract_features_litert(
     *,
     batch_size: int = LITERT_BATCH,
     on_batch: Callable[[int, int], None] | None = None,
-    threads: int | None = None,
 ) -> np.ndarray:
     """Like `extract_features`, through a float32 TensorFlow Lite conversion of `extractor` run by LiteRT."""
-    from worker.engine.export import convert_tflite, run_tflite
+    from worker.engine.export import convert_tflite
 
     content, _ = convert_tflite(extractor)
-    return run_tflite(content, images, batch_size=batch_size, threads=threads, on_batch=on_batch)
+    return run_batches(content, images, batch_size=batch_size, on_batch=on_batch)

@@ -21,16 +21,17 @@ import pytest
 from worker.config import Settings
 from worker.engine.data import draw_subsets, load_cifar10, take
 from worker.engine.export import (
+    CHECK_BATCH,
     TEMPLATE_PATCH,
     TemplateUnusable,
     TfliteTemplates,
     convert_tflite,
     export_tflite,
-    tflite_predict,
 )
 from worker.engine.models import build_transfer, head_layer_names
 from worker.engine.runtime import configure_tensorflow
 from worker.engine.weights import resolve_weights
+from worker.litert import run_batches
 from worker.spec import JobCreate
 from worker.store import TFLITE_FILE
 
@@ -254,7 +255,7 @@ def test_a_head_with_a_single_unit_layer_is_patched(tmp_path: Path) -> None:
     patched = store.patch("tiny", tiny, layers)
     assert patched == convert_tflite(tiny)[0]
     images = rng.uniform(0, 255, (16, 8, 8, 3)).astype(np.float32)
-    assert np.max(np.abs(tflite_predict(patched, images) - keras_probs(tiny, images))) < 1e-5
+    assert np.max(np.abs(run_batches(patched, images, batch_size=CHECK_BATCH) - keras_probs(tiny, images))) < 1e-5
 
 
 def test_the_newest_templates_are_kept(model: keras.Model, templates: Path) -> None:

@@ -12,10 +12,10 @@ import pytest
 
 from worker.config import Settings
 from worker.engine.data import draw_subsets, load_cifar10, take
-from worker.engine.export import tflite_predict
 from worker.engine.loop import CHUNK_BATCHES
 from worker.engine.pipeline import TrainResult, train_job
 from worker.errors import ArtifactWriteError, JobCancelled
+from worker.litert import run_batches
 from worker.spec import CLASS_NAMES, JobCreate
 from worker.store import CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
 
@@ -136,7 +136,7 @@ def test_tflite_export_agrees_with_the_keras_model(run: str, request: pytest.Fix
     x_test, _ = _test_subset(module_settings, spec)
     keras_probs = keras.models.load_model(result.model_dir / KERAS_FILE).predict(x_test.astype("float32"),
                                                                                 verbose=0)
-    lite_probs = tflite_predict((result.model_dir / TFLITE_FILE).read_bytes(), x_test, batch_size=64)
+    lite_probs = run_batches(result.model_dir / TFLITE_FILE, x_test, batch_size=64)
     assert lite_probs.shape == (len(x_test), 10)
     assert np.mean(lite_probs.argmax(1) == keras_probs.argmax(1)) >= 0.999
     assert np.max(np.abs(lite_probs - keras_probs)) <= 1e-3
