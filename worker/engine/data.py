@@ -32,6 +32,7 @@ import numpy as np
 
 from worker.config import Settings
 from worker.errors import DataNotFound, InvalidSpec
+from worker.imaging import INPUT_SHAPE
 from worker.store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _npz_split(name: str, path: Path, cache_dir: Path | None) -> Split:
 
 
 def _check_arrays(where: Path | str, x: np.ndarray, y: np.ndarray) -> None:
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE or len(y) != len(x):
         raise DataNotFound(
             f"{where}: expected x uint8 (N, 32, 32, 3) and y of length N, found x {x.dtype} {x.shape} "
             f"and y {y.shape}"

@@ -19,9 +19,9 @@ from typing import Any
 import keras
 
 from worker.engine.weights import WeightsFile
+from worker.imaging import INPUT_SHAPE
 from worker.spec import CLASS_NAMES, JobCreate
 
-INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = len(CLASS_NAMES)
 
 
