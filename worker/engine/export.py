@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,19 @@ def _quiet() -> Any:
         absl.setLevel(level)
 
 
+@dataclass(frozen=True)
+class ExportTemplate:
+    """Where and under which key an export may reuse an earlier conversion, and the layers it patches.
+
+    The key must change whenever anything but the weights of `patch_layers` (the head's Dense layers) changes
+    the converted model: image size, alpha, head layout, TensorFlow version.
+    """
+
+    directory: Path
+    key: str
+    patch_layers: tuple[str, ...]
+
+
 class TemplateUnusable(Exception):
     """A stored template cannot be used for (or made from) this model; the message says why."""
 
@@ -106,7 +120,7 @@ class WeightPatch:
         return 4 * int(np.prod(self.shape, dtype=np.int64))
 
 
-def _head_weights(model: Any, layers: list[str]) -> list[tuple[str, str, Any]]:
+def _head_weights(model: Any, layers: Sequence[str]) -> list[tuple[str, str, Any]]:
     """(layer, weight name, variable) of every weight of `layers`, in order."""
     out = []
     for name in layers:
@@ -145,7 +159,7 @@ def _frozen_weights_sha256(model: Any, head: list[tuple[str, str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def locate_weights(content: bytes, model: Any, layers: list[str]) -> list[WeightPatch]:
+def locate_weights(content: bytes, model: Any, layers: Sequence[str]) -> list[WeightPatch]:
     """Where each weight of `layers` lies in `content` (a conversion of `model`); TemplateUnusable if unsure.
 
     Each weight's float32 bytes, as is or transposed, must occur exactly once in the whole flatbuffer and the
@@ -191,7 +205,7 @@ class TfliteTemplates:
     def path(self, key: str) -> Path:
         return self.directory / (hashlib.sha256(key.encode()).hexdigest()[:32] + TEMPLATE_SUFFIX)
 
-    def patch(self, key: str, model: Any, layers: list[str]) -> bytes | None:
+    def patch(self, key: str, model: Any, layers: Sequence[str]) -> bytes | None:
         """`model` as TFLite bytes from the template of `key`, or None if there is none.
 
         Raises TemplateUnusable when the template exists but does not fit `model` (or is corrupt).
@@ -226,7 +240,7 @@ class TfliteTemplates:
             os.utime(path)  # recently used: eviction goes by mtime
         return bytes(patched)
 
-    def store(self, key: str, model: Any, layers: list[str], content: bytes, conversion: str) -> Path:
+    def store(self, key: str, model: Any, layers: Sequence[str], content: bytes, conversion: str) -> Path:
         """Keep `content` (a checked conversion of `model`) as the template of `key`; evict beyond the bound.
 
         Raises TemplateUnusable when the head weights cannot be located unambiguously, OSError on write errors.
@@ -288,24 +302,19 @@ def _parse_template(raw: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, directory: Path, *,
-                  template_dir: Path | None = None, template_key: str | None = None,
-                  patch_layers: list[str] | None = None) -> dict[str, Any]:
+                  template: ExportTemplate | None = None) -> dict[str, Any]:
     """Convert, check against `keras_probs` on `images`, write model.tflite if it passes; the check's record.
 
-    With `template_dir`, `template_key` and `patch_layers` (the names of the head's Dense layers), the model is
-    first made by patching the key's template (`TfliteTemplates`) with its head weights; that model goes through
-    the same check, and if it fails, the template is dropped and the model converted in full. A full conversion
-    that passes becomes the key's template. record["conversion"] says which way the shipped bytes were made,
-    record["template"] what happened to the template. The key must change whenever anything but the head's
-    weights changes the converted model (image size, alpha, head layout, TensorFlow version); the frozen weights
-    and the head's shapes are verified against the template in any case.
+    With a `template`, the model is first made by patching the key's stored conversion (`TfliteTemplates`)
+    with its head weights; that model goes through the same check, and if it fails, the template is dropped and
+    the model converted in full. A full conversion that passes becomes the key's template. record["conversion"]
+    says which way the shipped bytes were made, record["template"] what happened to the template. The frozen
+    weights and the head's shapes are verified against the template in any case.
     """
     record: dict[str, Any] = {"format": "tflite", "file": None, "dtype": "float32", "check_images": len(images),
                               "min_top1_agreement": MIN_TOP1_AGREEMENT, "max_prob_diff_allowed": MAX_PROB_DIFF}
-    templates = None
-    if template_dir is not None and template_key is not None and patch_layers:
-        templates = TfliteTemplates(template_dir)
-        content = _patch_and_check(templates, template_key, model, patch_layers, images, keras_probs, record)
+    if template is not None:
+        content = _patch_and_check(template, model, images, keras_probs, record)
         if content is not None:
             return _write_tflite(content, directory, record)
     started = time.perf_counter()
@@ -322,9 +331,8 @@ def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, direc
         record["reason"] = _disagreement(record)
         log.warning("not shipping model.tflite: %s", record["reason"])
         return record
-    if templates is not None:
-        assert template_key is not None and patch_layers is not None
-        record["template"].update(_store_template(templates, template_key, model, patch_layers, content, how))
+    if template is not None:
+        record["template"].update(_store_template(template, model, content, how))
     return _write_tflite(content, directory, record)
 
 
@@ -351,9 +359,10 @@ def _write_tflite(content: bytes, directory: Path, record: dict[str, Any]) -> di
     return record
 
 
-def _patch_and_check(templates: TfliteTemplates, key: str, model: Any, layers: list[str], images: np.ndarray,
-                     keras_probs: np.ndarray, record: dict[str, Any]) -> bytes | None:
+def _patch_and_check(template: ExportTemplate, model: Any, images: np.ndarray, keras_probs: np.ndarray,
+                     record: dict[str, Any]) -> bytes | None:
     """The model patched from the key's template if that passes the check (filling `record`), else None."""
+    templates, key, layers = TfliteTemplates(template.directory), template.key, template.patch_layers
     started = time.perf_counter()
     try:
         content = templates.patch(key, model, layers)
@@ -384,11 +393,10 @@ def _patch_and_check(templates: TfliteTemplates, key: str, model: Any, layers: l
     return content
 
 
-def _store_template(templates: TfliteTemplates, key: str, model: Any, layers: list[str], content: bytes,
-                    conversion: str) -> dict[str, Any]:
+def _store_template(template: ExportTemplate, model: Any, content: bytes, conversion: str) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        templates.store(key, model, layers, content, conversion)
+        TfliteTemplates(template.directory).store(template.key, model, template.patch_layers, content, conversion)
     except TemplateUnusable as exc:
         log.info("no TFLite template kept for this model: %s", exc)
         return {"stored": False, "store_reason": str(exc)}

@@ -18,7 +18,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,9 +26,13 @@ import numpy as np
 
 from worker.config import Settings
 from worker.engine.data import Dataset, Subset, draw_subsets, load_cifar10, take
-from worker.engine.loop import CHUNK_BATCHES, TrainingLoop, loss_and_accuracy
+from worker.engine.export import ExportTemplate
+from worker.engine.features import FeatureKey
+from worker.engine.loop import CHUNK_BATCHES, LoopResult, TrainingLoop, loss_and_accuracy
 from worker.engine.runtime import RuntimeInfo, configure_tensorflow
+from worker.engine.weights import WeightsFile, resolve_weights
 from worker.errors import ArtifactWriteError, JobCancelled
+from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
 from worker.store import CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
@@ -96,8 +100,10 @@ class LogReporter(NullReporter):
                       record.seconds)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
+    """A published model: its id, directory, metrics and the metadata.json written with it."""
+
     model_id: str
     model_dir: Path
     metrics: Metrics
@@ -213,13 +219,101 @@ def fused_adam(learning_rate: float) -> Any:
 
 # ----- the job -----
 
-@dataclass
-class _Outcome:
-    model: Any
+#: How the loop trains, recorded with every model.
+LOOP_RECORD: dict[str, Any] = {
+    "loop": "worker.engine.loop.TrainingLoop (fit semantics, compiled chunks of batches)",
+    "batches_per_call": CHUNK_BATCHES,
+    "shuffle": "worker.engine.loop.epoch_order(seed, epoch, n)",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class JobData:
+    """The dataset as read, the job's seeded subsets of it, and their images and labels."""
+
+    dataset: Dataset
+    train_subset: Subset
+    test_subset: Subset
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class JobContext:
+    """One job's inputs, as the training, saving and metadata steps share them."""
+
+    spec: JobCreate
+    settings: Settings
+    runtime: RuntimeInfo
+    progress: _Progress
+    data: JobData
+    weights: WeightsFile | None  # transfer jobs only
+
+
+@dataclass(frozen=True)
+class FeatureRecord:
+    """How the transfer head's features were obtained, per split ("train", "test")."""
+
+    cache: dict[str, str]  # "hit", "miss" or "disabled"
+    extractor: dict[str, str]  # the runtime and versions that computed them
+
+
+@dataclass(frozen=True)
+class FineTuningRecord:
+    """What fine-tuning unfroze and how it trained."""
+
+    layers: int
+    layers_with_weights_unfrozen: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """How a model was trained and evaluated: metadata.json's "training"."""
+
+    optimizer: str
+    evaluated_on: str
+    features: FeatureRecord | None = None  # the transfer model's frozen-base fast path
+    fine_tuning: FineTuningRecord | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.features is not None:
+            out.update(fast_path="frozen-base features, head trained on them", feature_cache=self.features.cache,
+                       feature_extractor=self.features.extractor)
+        out.update(optimizer=self.optimizer, **LOOP_RECORD)
+        if self.fine_tuning is not None:
+            out["fine_tuning"] = {"layers": self.fine_tuning.layers,
+                                  "layers_with_weights_unfrozen": self.fine_tuning.layers_with_weights_unfrozen,
+                                  "batch_normalization": "frozen, inference mode", "optimizer": "Adam",
+                                  "learning_rate": self.fine_tuning.learning_rate}
+        out.update(evaluated_on=self.evaluated_on,
+                   train_accuracy="training accuracy of the last epoch (dropout active), as Keras reports")
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedModel:
+    """A trained model, its epochs, its probabilities on the test images, and how it got them."""
+
+    model: Any  # keras.Model: image -> probabilities
     history: list[EpochRecord]
     test_probs: np.ndarray
-    evaluated_on: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    training: TrainingRecord
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the saving step adds to metadata.json about a trained model."""
+
+    model_id: str
+    job_id: str | None
+    metrics: Metrics
+    params: dict[str, int]
+    timings: dict[str, float]
+    export: dict[str, Any]
 
 
 def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id: str | None = None,
@@ -233,31 +327,20 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     progress = _Progress(reporter, _stage_weights(spec))
 
     progress.enter("loading_data")
-    dataset = load_cifar10(settings)
-    train_subset, test_subset = draw_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
-    x_train, y_train = take(dataset.train, train_subset)
-    x_test, y_test = take(dataset.test, test_subset)
-    weights = None
-    if spec.model == "transfer":
-        from worker.engine.weights import resolve_weights
-
-        weights = resolve_weights(settings, spec.alpha, spec.image_size)
+    data = _load_data(spec, settings)
+    weights = resolve_weights(settings, spec.alpha, spec.image_size) if spec.model == "transfer" else None
     progress.within(1.0)
     progress.check_cancel()
+    job = JobContext(spec, settings, runtime, progress, data, weights)
 
     keras.utils.set_random_seed(spec.seed)
-    if spec.model == "baseline":
-        outcome = _train_baseline(spec, progress, x_train, y_train, x_test, y_test)
-    else:
-        assert weights is not None
-        outcome = _train_transfer(spec, settings, runtime, progress, dataset, (train_subset, test_subset),
-                                  weights, x_train, y_train, x_test, y_test)
+    trained = _train_baseline(job) if spec.model == "baseline" else _train_transfer(job)
 
     progress.enter("evaluating")
-    test_loss, test_accuracy = loss_and_accuracy(outcome.test_probs, y_test)
+    test_loss, test_accuracy = loss_and_accuracy(trained.test_probs, data.y_test)
     from worker.engine.models import count_params
 
-    params = count_params(outcome.model)
+    params = count_params(trained.model)
     progress.within(1.0)
     progress.check_cancel()
 
@@ -265,15 +348,14 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     store = ModelStore(settings.artifact_dir)
     with store.staging(model_id) as staging:
         try:
-            export = _write_model_files(outcome, spec, staging, test_accuracy, x_test, progress,
-                                        _export_template(spec, settings, weights, runtime))
+            export = _write_model_files(job, trained, staging, test_accuracy)
         except OSError as exc:
             raise ArtifactWriteError(
                 f"cannot write the model files of {model_id} under {store.models_dir}: {exc}; check free space "
                 "and permissions of TL_ARTIFACT_DIR"
             ) from exc
         metrics = Metrics(
-            train_accuracy=outcome.history[-1].accuracy,
+            train_accuracy=trained.history[-1].accuracy,
             test_accuracy=test_accuracy,
             test_loss=test_loss,
             params_total=params["total"],
@@ -281,8 +363,9 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
             params_non_trainable=params["non_trainable"],
             train_seconds=round(time.perf_counter() - started, 3),
         )
-        metadata = _metadata(spec, model_id, job_id, metrics, params, outcome, dataset, train_subset, test_subset,
-                             weights, runtime, progress.timings_so_far(), export)
+        record = ModelRecord(model_id=model_id, job_id=job_id, metrics=metrics, params=params,
+                             timings=progress.timings_so_far(), export=export)
+        metadata = _metadata(job, trained, record)
         try:
             write_json_atomic(staging / METADATA_FILE, metadata)
         except OSError as exc:
@@ -296,213 +379,230 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     return TrainResult(model_id=model_id, model_dir=model_dir, metrics=metrics, metadata=metadata)
 
 
-def _export_template(spec: JobCreate, settings: Settings, weights: Any, runtime: RuntimeInfo) -> dict[str, Any]:
+def _load_data(spec: JobCreate, settings: Settings) -> JobData:
+    dataset = load_cifar10(settings)
+    train_subset, test_subset = draw_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
+    x_train, y_train = take(dataset.train, train_subset)
+    x_test, y_test = take(dataset.test, test_subset)
+    return JobData(dataset, train_subset, test_subset, x_train, y_train, x_test, y_test)
+
+
+def _export_template(job: JobContext) -> ExportTemplate | None:
     """Where and under which key the TFLite export may reuse an earlier conversion (worker.engine.export).
 
     Two transfer models without fine-tuning that share this key differ only in their head's Dense weights, so
     the second .tflite is the first one's bytes with those weights written over (checked like any export).
     """
-    if spec.model != "transfer" or spec.fine_tuning or weights is None:
-        return {}
+    spec, runtime = job.spec, job.runtime
+    if spec.model != "transfer" or spec.fine_tuning or job.weights is None:
+        return None
     from worker.engine.models import head_layer_names
 
-    key = json.dumps({"weights_sha256": weights.sha256, "image_size": spec.image_size, "alpha": float(spec.alpha),
-                      "dense_units": list(spec.dense_units), "tensorflow": runtime.tensorflow_version,
-                      "keras": runtime.keras_version}, sort_keys=True)
-    return {"template_dir": settings.export_template_dir, "template_key": hashlib.sha256(key.encode()).hexdigest(),
-            "patch_layers": head_layer_names(spec)}
+    key = json.dumps({"weights_sha256": job.weights.sha256, "image_size": spec.image_size,
+                      "alpha": float(spec.alpha), "dense_units": list(spec.dense_units),
+                      "tensorflow": runtime.tensorflow_version, "keras": runtime.keras_version}, sort_keys=True)
+    return ExportTemplate(directory=job.settings.export_template_dir, key=hashlib.sha256(key.encode()).hexdigest(),
+                          patch_layers=tuple(head_layer_names(spec)))
 
 
-def _write_model_files(outcome: _Outcome, spec: JobCreate, staging: Path, test_accuracy: float,
-                       x_test: np.ndarray, progress: _Progress, template: dict[str, Any]) -> dict[str, Any]:
+def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, test_accuracy: float,
+                       ) -> dict[str, Any]:
     """model.keras, model.tflite (when its check passes) and curves.png; returns the export record."""
     from worker.engine.export import export_tflite, save_keras
     from worker.engine.plots import plot_curves
 
-    save_keras(outcome.model, staging)
+    spec, progress = job.spec, job.progress
+    save_keras(trained.model, staging)
     progress.within(0.2)
-    export = export_tflite(outcome.model, x_test, outcome.test_probs, staging, **template)
+    export = export_tflite(trained.model, job.data.x_test, trained.test_probs, staging,
+                           template=_export_template(job))
     progress.within(0.8)
-    plot_curves(outcome.history, spec.model, test_accuracy, staging / CURVES_FILE,
+    plot_curves(trained.history, spec.model, test_accuracy, staging / CURVES_FILE,
                 fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
     progress.within(0.9)
     return export
 
 
-def _train_baseline(spec: JobCreate, progress: _Progress, x_train: np.ndarray, y_train: np.ndarray,
-                    x_test: np.ndarray, y_test: np.ndarray) -> _Outcome:
-    import keras
+def _fit(job: JobContext, loop: TrainingLoop, x_train: np.ndarray, x_test: np.ndarray, *, epochs: int,
+         first_epoch: int = 1) -> LoopResult:
+    """Train on (x_train, the job's train labels), validating on (x_test, its test labels) after each epoch."""
+    progress = job.progress
 
-    from worker.engine.models import build_baseline
-
-    model = build_baseline(spec)
-    progress.enter("training")
-    loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=spec.learning_rate), spec.batch_size,
-                        validation_batch=IMAGE_EVAL_BATCH)
-    result = _run_loop(loop, progress, x_train, y_train, x_test, y_test, epochs=spec.epochs, seed=spec.seed)
-    # The last epoch's validation pass ran the final weights on the test images: those are the test results.
-    return _Outcome(model, result.history, result.val_probs, "full model on the test images",
-                    {"optimizer": "Adam", **_loop_record()})
-
-
-def _run_loop(loop: TrainingLoop, progress: _Progress, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
-              y_val: np.ndarray, *, epochs: int, seed: int, first_epoch: int = 1) -> Any:
     def after_chunk(fraction: float) -> None:
         progress.check_cancel()
         progress.within(fraction)
 
-    return loop.fit(x, y, x_val, y_val, epochs=epochs, seed=seed, first_epoch=first_epoch,
-                    after_chunk=after_chunk, on_epoch=progress.reporter.epoch_end)
+    return loop.fit(x_train, job.data.y_train, x_test, job.data.y_test, epochs=epochs, seed=job.spec.seed,
+                    first_epoch=first_epoch, after_chunk=after_chunk, on_epoch=progress.reporter.epoch_end)
 
 
-def _loop_record() -> dict[str, Any]:
-    return {"loop": "worker.engine.loop.TrainingLoop (fit semantics, compiled chunks of batches)",
-            "batches_per_call": CHUNK_BATCHES, "shuffle": "worker.engine.loop.epoch_order(seed, epoch, n)"}
-
-
-def _train_transfer(spec: JobCreate, settings: Settings, runtime: RuntimeInfo, progress: _Progress,
-                    dataset: Dataset, subsets: tuple[Subset, Subset], weights: Any,
-                    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> _Outcome:
+def _train_baseline(job: JobContext) -> TrainedModel:
     import keras
 
-    from worker.engine.features import (
-        FeatureCache,
-        FeatureKey,
-        extract_features,
-        extract_features_litert,
-        litert_version,
-    )
-    from worker.engine.models import build_head, build_transfer, copy_head_weights, head_layer_names, unfreeze_top
+    from worker.engine.models import build_baseline
 
-    # The full model is built first and the head copies its initial weights, so for a given seed the fast path
-    # starts from exactly the weights a plain `fit` of the whole model would.
-    transfer = build_transfer(spec, weights)
-    head = build_head(spec, transfer.feature_shape)
-    for name in head_layer_names(spec):
-        head.get_layer(name).set_weights(transfer.model.get_layer(name).get_weights())
+    spec = job.spec
+    model = build_baseline(spec)
+    job.progress.enter("training")
+    loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=spec.learning_rate), spec.batch_size,
+                        validation_batch=IMAGE_EVAL_BATCH)
+    result = _fit(job, loop, job.data.x_train, job.data.x_test, epochs=spec.epochs)
+    # The last epoch's validation pass ran the final weights on the test images: those are the test results.
+    return TrainedModel(model, result.history, result.val_probs,
+                        TrainingRecord(optimizer="Adam", evaluated_on="full model on the test images"))
 
+
+@dataclass(frozen=True, eq=False)
+class _SplitFeatures:
+    """One split whose features are to be computed: its cache key, its images and the runtime to use."""
+
+    split: str
+    key: FeatureKey
+    images: np.ndarray
+    litert: bool
+
+
+def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.ndarray], FeatureRecord]:
+    """Base features of the job's train and test images, from the cache or computed (and then cached)."""
+    from worker.engine.features import FeatureCache, extract_features, extract_features_litert, litert_version
+
+    spec, runtime, data, progress = job.spec, job.runtime, job.data, job.progress
+    assert job.weights is not None
     tensorflow_runtime = f"tensorflow {runtime.tensorflow_version} keras {runtime.keras_version}"
     # The test split always goes through TensorFlow: the head on those features then gives exactly the saved
     # model's probabilities. The training split goes through LiteRT on a CPU (about 5x faster, same values to
     # ~4e-5), through TensorFlow on a GPU.
     use_litert = runtime.gpus == 0
-    plan = [(subsets[0], dataset.train, x_train, use_litert), (subsets[1], dataset.test, x_test, False)]
-    cache = FeatureCache(settings.feature_cache_dir, settings.feature_cache_max_bytes)
+    splits = [(data.train_subset, data.dataset.train, data.x_train, use_litert),
+              (data.test_subset, data.dataset.test, data.x_test, False)]
+    cache = FeatureCache(job.settings.feature_cache_dir, job.settings.feature_cache_max_bytes)
     features: dict[str, np.ndarray] = {}
     cache_report: dict[str, str] = {}
     extractors: dict[str, str] = {}
-    pending: list[tuple[str, FeatureKey, np.ndarray, bool]] = []
-    for subset, split, images, litert in plan:
-        extractor = f"{litert_version()} (converted by {tensorflow_runtime})" if litert else tensorflow_runtime
+    pending: list[_SplitFeatures] = []
+    for subset, split, images, litert in splits:
+        extractor_name = f"{litert_version()} (converted by {tensorflow_runtime})" if litert else tensorflow_runtime
         key = FeatureKey(split=subset.split, data_identity=split.identity, indices_sha256=subset.indices_sha256,
                          count=len(subset.indices), image_size=spec.image_size, alpha=float(spec.alpha),
-                         weights_sha256=weights.sha256, extractor=extractor)
-        extractors[subset.split] = extractor
+                         weights_sha256=job.weights.sha256, extractor=extractor_name)
+        extractors[subset.split] = extractor_name
         cached = cache.load(key)
         if cached is not None:
             features[subset.split] = cached
             cache_report[subset.split] = "hit"
         else:
-            pending.append((subset.split, key, images, litert))
+            pending.append(_SplitFeatures(subset.split, key, images, litert))
             cache_report[subset.split] = "miss" if cache.enabled else "disabled"
     if pending:
         progress.enter("extracting_features")
         # LiteRT runs ~5x faster per image, so weight its images less in the stage's progress.
         cost = {True: 0.2, False: 1.0}
-        total = sum(len(images) * cost[litert] for _, _, images, litert in pending)
+        total = sum(len(item.images) * cost[item.litert] for item in pending)
         done_before = 0.0
-        for split_name, key, images, litert in pending:
-            def on_batch(done: int, _total: int, offset: float = done_before, weight: float = cost[litert]) -> None:
+        for item in pending:
+            def on_batch(done: int, _total: int, offset: float = done_before, weight: float = cost[item.litert],
+                         ) -> None:
                 progress.check_cancel()
                 progress.within((offset + done * weight) / total)
 
-            if litert:
+            key = item.key
+            if item.litert:
                 try:
-                    features[split_name] = extract_features_litert(transfer.extractor, images, on_batch=on_batch)
+                    features[item.split] = extract_features_litert(extractor, item.images, on_batch=on_batch)
                 except JobCancelled:
                     raise
                 except Exception as exc:  # conversion or runtime trouble: TensorFlow computes the same thing
                     log.warning("LiteRT feature extraction failed (%s: %s); using TensorFlow",
                                 type(exc).__name__, exc)
                     key = dataclasses.replace(key, extractor=tensorflow_runtime)
-                    extractors[split_name] = tensorflow_runtime
-                    features[split_name] = extract_features(transfer.extractor, images, on_batch=on_batch)
+                    extractors[item.split] = tensorflow_runtime
+                    features[item.split] = extract_features(extractor, item.images, on_batch=on_batch)
             else:
-                features[split_name] = extract_features(transfer.extractor, images, on_batch=on_batch)
-            done_before += len(images) * cost[litert]
-            cache.store(key, features[split_name])
+                features[item.split] = extract_features(extractor, item.images, on_batch=on_batch)
+            done_before += len(item.images) * cost[item.litert]
+            cache.store(key, features[item.split])
+    return features, FeatureRecord(cache=cache_report, extractor=extractors)
+
+
+def _train_transfer(job: JobContext) -> TrainedModel:
+    import keras
+
+    from worker.engine.models import build_head, build_transfer, copy_head_weights, unfreeze_top
+
+    spec, data, progress = job.spec, job.data, job.progress
+    assert job.weights is not None
+    # The full model is built first and the head copies its initial weights, so for a given seed the fast path
+    # starts from exactly the weights a plain `fit` of the whole model would.
+    transfer = build_transfer(spec, job.weights)
+    head = build_head(spec, transfer.feature_shape)
+    copy_head_weights(transfer.model, head, spec)
+
+    features, feature_record = _transfer_features(job, transfer.extractor)
 
     progress.enter("training")
     loop = TrainingLoop(head, fused_adam(spec.learning_rate), spec.batch_size)
-    result = _run_loop(loop, progress, features["train"], y_train, features["test"], y_test, epochs=spec.epochs,
-                       seed=spec.seed)
+    result = _fit(job, loop, features["train"], features["test"], epochs=spec.epochs)
     history = list(result.history)
     copy_head_weights(head, transfer.model, spec)
-    extra: dict[str, Any] = {"fast_path": "frozen-base features, head trained on them", "feature_cache": cache_report,
-                             "feature_extractor": extractors,
-                             "optimizer": "Adam (fused kernel) for the head", **_loop_record()}
+    optimizer = "Adam (fused kernel) for the head"
 
     if not spec.fine_tuning:
         # The saved model computes head(base(preprocess(resize(x)))); the base part is exactly the features
         # already computed for these test images, so the head on them (the last epoch's validation pass) gives
         # the full model's probabilities (tests/worker check this against model.predict on the images).
-        return _Outcome(transfer.model, history, result.val_probs, "head on the test images' base features", extra)
+        return TrainedModel(transfer.model, history, result.val_probs,
+                            TrainingRecord(optimizer=optimizer, evaluated_on="head on the test images' base features",
+                                           features=feature_record))
 
     progress.enter("fine_tuning")
     unfrozen = unfreeze_top(transfer.base, spec.fine_tune_layers)
     tuning = TrainingLoop(transfer.model, keras.optimizers.Adam(learning_rate=spec.fine_tune_learning_rate),
                           spec.batch_size, validation_batch=IMAGE_EVAL_BATCH)
-    tuned = _run_loop(tuning, progress, x_train, y_train, x_test, y_test, epochs=spec.fine_tune_epochs,
-                      seed=spec.seed, first_epoch=spec.epochs + 1)
+    tuned = _fit(job, tuning, data.x_train, data.x_test, epochs=spec.fine_tune_epochs, first_epoch=spec.epochs + 1)
     history.extend(tuned.history)
-    extra["fine_tuning"] = {"layers": spec.fine_tune_layers, "layers_with_weights_unfrozen": unfrozen,
-                            "batch_normalization": "frozen, inference mode", "optimizer": "Adam",
-                            "learning_rate": spec.fine_tune_learning_rate}
-    return _Outcome(transfer.model, history, tuned.val_probs, "full model on the test images", extra)
+    fine_tuning = FineTuningRecord(layers=spec.fine_tune_layers, layers_with_weights_unfrozen=unfrozen,
+                                   learning_rate=spec.fine_tune_learning_rate)
+    return TrainedModel(transfer.model, history, tuned.val_probs,
+                        TrainingRecord(optimizer=optimizer, evaluated_on="full model on the test images",
+                                       features=feature_record, fine_tuning=fine_tuning))
 
 
-def _metadata(spec: JobCreate, model_id: str, job_id: str | None, metrics: Metrics, params: dict[str, int],
-              outcome: _Outcome, dataset: Dataset, train_subset: Subset, test_subset: Subset, weights: Any,
-              runtime: RuntimeInfo, timings: dict[str, float], export: dict[str, Any]) -> dict[str, Any]:
+def _metadata(job: JobContext, trained: TrainedModel, record: ModelRecord) -> dict[str, Any]:
+    spec, data, runtime = job.spec, job.data, job.runtime
+    height, width, channels = INPUT_SHAPE
     return {
-        "id": model_id,
+        "id": record.model_id,
         "name": spec.name,
         "kind": spec.model,
-        "job_id": job_id,
+        "job_id": record.job_id,
         "created_at": utc_now(),
         "classes": list(CLASS_NAMES),
-        "input_shape": [32, 32, 3],
-        "input": "float32 (batch, 32, 32, 3) raw RGB 0..255; preprocessing is inside the model",
-        "output": "float32 (batch, 10) softmax probabilities in the order of classes",
+        "input_shape": list(INPUT_SHAPE),
+        "input": f"float32 (batch, {height}, {width}, {channels}) raw RGB 0..255; preprocessing is inside the model",
+        "output": f"float32 (batch, {len(CLASS_NAMES)}) softmax probabilities in the order of classes",
         "spec": spec.public(),
-        "metrics": metrics.model_dump(mode="json"),
-        "history": [record.model_dump(mode="json") for record in outcome.history],
-        "params": params,
+        "metrics": record.metrics.model_dump(mode="json"),
+        "history": [epoch.model_dump(mode="json") for epoch in trained.history],
+        "params": record.params,
         "data": {
             "dataset": spec.dataset,
-            "source": dataset.source,
-            "train_split_size": len(dataset.train),
-            "test_split_size": len(dataset.test),
+            "source": data.dataset.source,
+            "train_split_size": len(data.dataset.train),
+            "test_split_size": len(data.dataset.test),
             "train_samples": spec.train_samples,
             "test_samples": spec.test_samples,
             "seed": spec.seed,
             "subset_rule": "numpy default_rng([seed, 0]) for train, [seed, 1] for test; choice without "
                            "replacement, indices sorted",
-            "train_indices_sha256": train_subset.indices_sha256,
-            "test_indices_sha256": test_subset.indices_sha256,
+            "train_indices_sha256": data.train_subset.indices_sha256,
+            "test_indices_sha256": data.test_subset.indices_sha256,
         },
-        "weights": weights.as_dict() if weights is not None else None,
-        "training": {**outcome.extra, "evaluated_on": outcome.evaluated_on,
-                     "train_accuracy": "training accuracy of the last epoch (dropout active), as Keras reports"},
-        "versions": _versions(runtime),
+        "weights": job.weights.as_dict() if job.weights is not None else None,
+        "training": trained.training.as_dict(),
+        "versions": {"tensorflow": runtime.tensorflow_version, "keras": runtime.keras_version,
+                     "numpy": np.__version__, "python": platform.python_version()},
         "runtime": {"gpus": runtime.gpus, "mixed_precision": runtime.mixed_precision,
                     "deterministic_ops": runtime.deterministic},
-        "timings": dict(timings),
-        "export": export,
+        "timings": dict(record.timings),
+        "export": record.export,
     }
-
-
-def _versions(runtime: RuntimeInfo) -> dict[str, str]:
-    return {"tensorflow": runtime.tensorflow_version, "keras": runtime.keras_version,
-            "numpy": np.__version__, "python": platform.python_version()}
-

@@ -23,6 +23,7 @@ from worker.engine.data import draw_subsets, load_cifar10, take
 from worker.engine.export import (
     CHECK_BATCH,
     TEMPLATE_PATCH,
+    ExportTemplate,
     TemplateUnusable,
     TfliteTemplates,
     convert_tflite,
@@ -68,8 +69,8 @@ def write_template(path: Path, manifest: dict[str, Any], content: bytes) -> None
 def export_head_b(model: keras.Model, images: np.ndarray, templates: Path, out: Path) -> dict[str, Any]:
     """The second job: `model` with head B, exported against the template store `templates`."""
     set_head(model, HEAD_B)
-    return export_tflite(model, images, keras_probs(model, images), out, template_dir=templates,
-                         template_key=KEY, patch_layers=LAYERS)
+    return export_tflite(model, images, keras_probs(model, images), out,
+                         template=ExportTemplate(templates, KEY, tuple(LAYERS)))
 
 
 def assert_shipped_by_full_conversion(record: dict[str, Any], out: Path, converted_b: bytes) -> None:
@@ -98,8 +99,8 @@ def exported_a(model: keras.Model, images: np.ndarray, tmp_path_factory: pytest.
     """Head A exported with an empty template directory: its record and that directory."""
     root = tmp_path_factory.mktemp("exported_a")
     set_head(model, HEAD_A)
-    record = export_tflite(model, images, keras_probs(model, images), root, template_dir=root / "templates",
-                           template_key=KEY, patch_layers=LAYERS)
+    record = export_tflite(model, images, keras_probs(model, images), root,
+                           template=ExportTemplate(root / "templates", KEY, tuple(LAYERS)))
     return record, root / "templates"
 
 
