@@ -31,7 +31,7 @@ def count_params(model: keras.Model) -> dict[str, int]:
     return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
 
 
-def build_baseline(spec: JobCreate) -> keras.Model:
+def build_baseline() -> keras.Model:
     """The small CNN trained from scratch (scaling to 0..1 inside the model)."""
     inputs = keras.Input(INPUT_SHAPE, dtype="float32", name="image")
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
@@ -50,7 +50,8 @@ def head_layer_names(spec: JobCreate) -> list[str]:
     return [f"head_dense_{i + 1}" for i in range(len(spec.dense_units))] + ["predictions"]
 
 
-def _head(features: Any, spec: JobCreate) -> Any:
+def head_layers(features: Any, spec: JobCreate) -> Any:
+    """The transfer head applied to `features` (a Keras tensor of the base's output): probabilities."""
     x = keras.layers.Flatten(name="head_flatten")(features)
     x = keras.layers.Dropout(spec.dropout, seed=spec.seed, name="head_dropout")(x)
     for i, units in enumerate(spec.dense_units):
@@ -61,7 +62,7 @@ def _head(features: Any, spec: JobCreate) -> Any:
 def build_head(spec: JobCreate, feature_shape: tuple[int, ...]) -> keras.Model:
     """The transfer head alone, taking the base's output (the frozen-base fast path trains this)."""
     inputs = keras.Input(feature_shape, dtype="float32", name="features")
-    return keras.Model(inputs, _head(inputs, spec), name="transfer_head")
+    return keras.Model(inputs, head_layers(inputs, spec), name="transfer_head")
 
 
 @dataclass
@@ -94,16 +95,16 @@ def build_transfer(spec: JobCreate, weights: WeightsFile) -> TransferModel:
     # mobilenet_v2.preprocess_input is x / 127.5 - 1; as a layer it serialises without a Lambda.
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
     features = base(x, training=False)
-    outputs = _head(features, spec)
+    outputs = head_layers(features, spec)
     model = keras.Model(inputs, outputs, name="transfer_mobilenetv2")
     extractor = keras.Model(inputs, features, name="feature_extractor")
     return TransferModel(model, base, extractor)
 
 
-def copy_head_weights(head: keras.Model, model: keras.Model, spec: JobCreate) -> None:
-    """Put a trained feature head's weights into the full transfer model (layers matched by name)."""
+def copy_head_weights(source: keras.Model, target: keras.Model, spec: JobCreate) -> None:
+    """Copy the head's weights from `source` to `target` (the full model or the feature head; matched by name)."""
     for name in head_layer_names(spec):
-        model.get_layer(name).set_weights(head.get_layer(name).get_weights())
+        target.get_layer(name).set_weights(source.get_layer(name).get_weights())
 
 
 def unfreeze_top(base: keras.Model, layers: int) -> int:

@@ -80,8 +80,8 @@ class NullReporter:
 class LogReporter(NullReporter):
     """Logs stages, epochs and progress every 10 % (the command line's reporter)."""
 
-    def __init__(self, logger: logging.Logger | None = None, total_epochs: int | None = None) -> None:
-        self.log = logger or logging.getLogger("worker.cli")
+    def __init__(self, total_epochs: int | None = None) -> None:
+        self.log = logging.getLogger("worker.cli")
         self.total_epochs = total_epochs
         self._next_fraction = 0.1
 
@@ -117,7 +117,6 @@ class _Progress:
 
     def __init__(self, reporter: Reporter, weights: dict[str, float]) -> None:
         self.reporter = reporter
-        self.weights = weights
         total = sum(weights.values()) or 1.0
         self.start: dict[str, float] = {}
         acc = 0.0
@@ -442,7 +441,7 @@ def _train_baseline(job: JobContext) -> TrainedModel:
     from worker.engine.models import build_baseline
 
     spec = job.spec
-    model = build_baseline(spec)
+    model = build_baseline()
     job.progress.enter("training")
     loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=spec.learning_rate), spec.batch_size,
                         validation_batch=IMAGE_EVAL_BATCH)

@@ -13,7 +13,7 @@ from worker.spec import JobCreate
 
 
 def test_baseline_has_the_reference_parameter_count() -> None:
-    model = build_baseline(JobCreate(model="baseline"))
+    model = build_baseline()
     assert count_params(model) == {"total": 93482, "trainable": 93482, "non_trainable": 0}
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
 
