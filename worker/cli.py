@@ -6,7 +6,7 @@ Every field of the job body (shared/API.md, `POST /v1/jobs`) is a `--kebab-case`
 `JobCreate` as the API (so the same messages). `--output DIR` overrides TL_ARTIFACT_DIR. Progress goes to stderr;
 the last stdout line is one JSON object: the job's metrics plus "model_id" and "model_dir".
 Exit status: 0 done, 2 bad arguments (or a spec the data cannot satisfy), 1 training error, 130 interrupted
-(Ctrl-C stops at the next batch and keeps no model).
+(Ctrl-C stops the job at its next cancel check and keeps no model).
 """
 
 from __future__ import annotations

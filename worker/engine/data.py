@@ -6,8 +6,8 @@ Sources, in order (the first that exists wins):
 3. its extracted folder `cifar-10-batches-py/`, in the same places or in Keras' own cache (`~/.keras/datasets`);
 4. `keras.datasets.cifar10.load_data()` (downloads), only when `TL_ALLOW_DOWNLOAD` is true.
 
-Decoding a local source costs a job about a second (npz decompression; the archive and the pickled batches
-more), and every job runs in a fresh process. So the decoded arrays of sources 1-3 are kept as plain .npy
+Decoding a local source (npz decompression, the archive, the pickled batches) would be paid by every job, each
+in a fresh process. So the decoded arrays of sources 1-3 are kept as plain .npy
 files under `TL_ARTIFACT_DIR/data-cache/`, named after the source's sha256, and later jobs map them
 (`mmap_mode="r"`) and read only their subset. `TL_DATA_CACHE=false` turns that off.
 

@@ -5,12 +5,12 @@ images against the Keras model's probabilities: the top-1 class must be identica
 and no probability may differ by more than 1e-3. If the conversion or the check fails, no .tflite is shipped
 and the reason is recorded in metadata["export"]; the job itself still succeeds.
 
-Conversion takes seconds (the whole frozen MobileNetV2 base is converted again for every job). When the caller
-passes a template directory and key, a converted model that passed its check is kept there as a template: its
-flatbuffer bytes and where the values of the head's Dense weights lie in them. A later model with the same key,
-the same frozen weights and the same head shapes is then written by copying the template and overwriting those
-byte ranges with its own head weights; the result is checked exactly like a converted model, and a patched model
-that fails the check is dropped in favour of a full conversion.
+A full conversion converts the whole frozen MobileNetV2 base again. When the caller passes an `ExportTemplate`,
+a converted model that passed its check is kept as a template: its flatbuffer bytes and where the values of the
+head's Dense weights lie in them. A later model with the same key, the same frozen weights and the same head
+shapes is then written by copying the template and overwriting those byte ranges with its own head weights; the
+result is checked exactly like a converted model, and a patched model that fails the check is dropped in favour
+of a full conversion.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MIN_TOP1_AGREEMENT = 0.999
 MAX_PROB_DIFF = 1e-3
-CHECK_BATCH = 64  # XNNPACK's fastest batch size here
+CHECK_BATCH = 64  # XNNPACK prefers small batches (bench/README.md)
 TEMPLATE_PATCH = "template_patch"  # record["conversion"] of a model patched from a template
 MAX_TEMPLATES = 4
 TEMPLATE_SUFFIX = ".tflite-template"
@@ -45,19 +45,20 @@ STALE_TMP_SECONDS = 3600.0
 
 
 def save_keras(model: Any, directory: Path) -> Path:
+    """Save `model` as model.keras in `directory`; returns its path."""
     path = directory / KERAS_FILE
     model.save(path)
     return path
 
 
 def convert_tflite(model: Any) -> tuple[bytes, str]:
-    """Float32 TFLite bytes of `model` (input (None, 32, 32, 3) float32) and the conversion path used."""
+    """Float32 TFLite bytes of `model`, with a dynamic batch dimension, and the conversion path used."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     shape = [None, *model.input_shape[1:]]
     try:
-        # Freezing the inference function first is ~3x faster than from_keras_model (no SavedModel round trip).
+        # Freezing the inference function first skips from_keras_model's SavedModel round trip (faster).
         fn = tf.function(lambda x: model(x, training=False),
                          input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function())

@@ -7,13 +7,13 @@ Two ways to compute them, both float32:
 - `extract_features`: the Keras extractor in a tf.function (exactly the saved model's own computation; used for
   the test split, so that the head on these features gives the saved model's probabilities, and on a GPU);
 - `extract_features_litert`: the same extractor converted to TensorFlow Lite and run by LiteRT's XNNPACK
-  kernels, about 5x faster than TensorFlow on a CPU (MobileNetV2's depthwise convolutions); the values agree
-  with TensorFlow's to ~4e-5 relative. Used for the training split on a CPU.
+  kernels (worker.litert): faster than TensorFlow on a CPU, the values differing only by float rounding. Used
+  for the training split on a CPU.
 
-The cache lives in `TL_ARTIFACT_DIR/feature-cache/`, one `.npy` file per (split, subset), keyed by everything
-that determines the features: the data file's sha256, the subset indices' sha256, image size, alpha, the weights
-file's sha256 and the runtime that computed them. Files are written to a temporary name and `os.replace`d into
-place (readers never see a partial file; two workers racing write the same bytes). The total size is bounded by
+`FeatureCache` keeps them in `TL_ARTIFACT_DIR/feature-cache/`, one `.npy` file per (split, subset), keyed by
+everything that determines the features (`FeatureKey`): the data's identity, the subset indices' sha256, image
+size, alpha, the weights file's sha256 and the runtime that computed them. Files are written atomically
+(readers never see a partial file; two workers racing write the same bytes). The total size is bounded by
 `TL_FEATURE_CACHE_MAX_BYTES`: least recently used files (by mtime, refreshed on every hit) are evicted first.
 """
 
@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".npy"
 EXTRACT_BATCH = 256
-LITERT_BATCH = 64  # XNNPACK is fastest on small batches (measured: 64 beats 250 and 500)
+LITERT_BATCH = 64  # XNNPACK prefers small batches (bench/README.md)
 
 
 @dataclass(frozen=True)
 class FeatureKey:
+    """Everything that determines one split's features; its digest names the cache file."""
+
     split: str
     data_identity: str
     indices_sha256: str
@@ -193,6 +195,7 @@ def extract_features(
 
 
 def litert_version() -> str:
+    """The LiteRT runtime that computes features, as recorded in cache keys and metadata."""
     from importlib.metadata import version
 
     return f"litert {version('ai-edge-litert')} xnnpack"

@@ -1,8 +1,8 @@
 """The training loop: what `model.fit` does, a compiled chunk of batches per Python call.
 
 Keras' `fit` runs one compiled step per batch, then its Python side (callbacks, metric objects, the tf.data
-pipeline's threads) before the next; on 2 CPU cores that costs as much as the step itself for the transfer
-head. Here a chunk of `CHUNK_BATCHES` batches runs inside one `tf.function` (a `tf.while_loop` over the
+pipeline's threads) before the next; for a step as small as the transfer head's on a CPU, that overhead
+dominates. Here a chunk of `CHUNK_BATCHES` batches runs inside one `tf.function` (a `tf.while_loop` over the
 batches of a host-gathered chunk), and Python only checks for a cancel and reports progress between chunks.
 
 The semantics are `fit`'s: per batch, the model called with `training=True` (so Dropout draws from its own
@@ -10,7 +10,7 @@ seed generator exactly as it would under `fit`), the mean sparse categorical cro
 update; per epoch, the loss and accuracy averaged over samples as the batches saw them, then the validation
 loss and accuracy with `training=False`. The only difference is the shuffle: each epoch's order is
 `epoch_order(seed, epoch, n)`, a NumPy permutation, so a plain `fit(x[order], y[order], shuffle=False)`
-per epoch reproduces a run exactly (tests/worker/test_fast_path.py does that).
+per epoch reproduces a run to float rounding (tests/worker/engine/test_loop.py checks that).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import numpy as np
 
 from worker.jobstore import EpochRecord
 
-#: Batches per compiled call. Measured on 2 CPU cores (transfer head, 5,000 features, batch 32): 1.54 s per
-#: epoch against 2.2 s at 1 batch per call and 2.5-4.1 s for `fit` (any steps_per_execution). A chunk is
-#: 0.1-0.3 s of work on the head, so a cancel is seen within that.
+#: Batches per compiled call: large enough to amortise the Python round trip, small enough that a cancel is seen
+#: soon (bench/README.md has the measurements).
 CHUNK_BATCHES = 16
 VALIDATION_BATCH = 1024  # for the head's features; models on images pass a smaller one
 

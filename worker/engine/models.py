@@ -26,6 +26,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
+    """Total, trainable and non-trainable parameter counts of `model`."""
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     non_trainable = sum(math.prod(w.shape) for w in model.non_trainable_weights)
     return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
@@ -77,6 +78,7 @@ class TransferModel:
 
 
 def build_base(spec: JobCreate, weights: WeightsFile) -> keras.Model:
+    """The frozen MobileNetV2 base (no top) for the job's image size and alpha, loaded from `weights`."""
     base = keras.applications.MobileNetV2(
         input_shape=(spec.image_size, spec.image_size, 3),
         alpha=spec.alpha,

@@ -2,9 +2,10 @@
 
 `train_job(spec, settings, reporter)` runs one job: load CIFAR-10 and draw the seeded subsets, build the model,
 train it (the transfer model through the frozen-base fast path: base features computed once and cached, the head
-trained on them, then optionally fine-tuning on images), evaluate it on the test subset, and write
-model.keras, model.tflite, metadata.json and curves.png atomically through `ModelStore`. Progress, finished epochs
-and the cancel check go through a `Reporter`; the Celery task and the command line each bring their own.
+trained on them, then optionally fine-tuning on images), evaluate it on the test subset, and publish
+model.keras, model.tflite (when it passes its check), metadata.json and curves.png atomically through
+`ModelStore`. Progress, finished epochs and the cancel check go through a `Reporter`; the Celery task and the
+command line each bring their own.
 
 Stages, in order: loading_data, extracting_features (transfer; skipped on a cache hit), training, fine_tuning
 (when asked for), evaluating, saving.
@@ -48,8 +49,8 @@ IMAGE_EVAL_BATCH = 256
 class Reporter(Protocol):
     """What the engine tells its caller, and the one thing it asks (whether to stop).
 
-    `cancel_requested` is asked between chunks of batches (worker.engine.loop.CHUNK_BATCHES, a fraction of a second
-    of work) and between batches of feature extraction and evaluation.
+    `cancel_requested` is asked between chunks of training batches (worker.engine.loop.CHUNK_BATCHES), between
+    batches of feature extraction and validation, and at the end of the other stages.
     """
 
     def stage(self, stage: str) -> None: ...
@@ -189,8 +190,8 @@ def _stage_weights(spec: JobCreate) -> dict[str, float]:
 def fused_adam(learning_rate: float) -> Any:
     """Adam whose update is TensorFlow's fused ResourceApplyAdam kernel (same formula, one pass over memory).
 
-    Keras 3's Adam issues five element-wise ops per variable; on the head's 1.5M-parameter Dense kernel that is
-    most of a step on a CPU. The update rule is the same: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
+    Keras 3's Adam issues five element-wise ops per variable, which on a CPU weighs on the head's large Dense
+    kernel. The update rule is the same: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
     w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). Only used for the head, never saved.
     """
     import keras
@@ -469,8 +470,8 @@ def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.nd
     assert job.weights is not None
     tensorflow_runtime = f"tensorflow {runtime.tensorflow_version} keras {runtime.keras_version}"
     # The test split always goes through TensorFlow: the head on those features then gives exactly the saved
-    # model's probabilities. The training split goes through LiteRT on a CPU (about 5x faster, same values to
-    # ~4e-5), through TensorFlow on a GPU.
+    # model's probabilities. The training split goes through LiteRT on a CPU (faster there; the values differ
+    # only by float rounding), through TensorFlow on a GPU.
     use_litert = runtime.gpus == 0
     splits = [(data.train_subset, data.dataset.train, data.x_train, use_litert),
               (data.test_subset, data.dataset.test, data.x_test, False)]
@@ -494,7 +495,7 @@ def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.nd
             cache_report[subset.split] = "miss" if cache.enabled else "disabled"
     if pending:
         progress.enter("extracting_features")
-        # LiteRT runs ~5x faster per image, so weight its images less in the stage's progress.
+        # LiteRT takes less time per image, so its images weigh less in the stage's progress.
         cost = {True: 0.2, False: 1.0}
         total = sum(len(item.images) * cost[item.litert] for item in pending)
         done_before = 0.0
@@ -548,7 +549,8 @@ def _train_transfer(job: JobContext) -> TrainedModel:
     if not spec.fine_tuning:
         # The saved model computes head(base(preprocess(resize(x)))); the base part is exactly the features
         # already computed for these test images, so the head on them (the last epoch's validation pass) gives
-        # the full model's probabilities (tests/worker check this against model.predict on the images).
+        # the full model's probabilities (tests/worker/engine/test_training.py checks this against the saved
+        # model's predictions on the images).
         return TrainedModel(transfer.model, history, result.val_probs,
                             TrainingRecord(optimizer=optimizer, evaluated_on="head on the test images' base features",
                                            features=feature_record))
