@@ -1,9 +1,10 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+"""docker-compose.yml, the Dockerfile and uv.lock, checked without a Docker engine.
 
 The compose file is parsed with PyYAML; commands are parsed with the real command-line definitions of
 Celery and uvicorn (so an option that does not exist, or a bad value, fails here), the modules and objects
 they name are imported, every `TL_*` variable is a Settings field whose value Settings accepts, and the
-volumes line up with the directories the settings point at.
+volumes line up with the directories the settings point at. The Dockerfile's targets are read as text and
+the packages each installs are followed through uv.lock (so the API image is shown to carry no TensorFlow).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +138,13 @@ def test_gpu_worker_reserves_one_nvidia_gpu_and_the_cpu_one_is_a_profile() -> No
     assert "profiles" not in SERVICES["worker"]
     assert SERVICES["worker-cpu"]["profiles"] == ["cpu"]
     assert "deploy" not in SERVICES["worker-cpu"]
-    assert SERVICES["worker"]["build"]["args"]["TF_EXTRA"] == "and-cuda"
+
+
+def test_each_service_builds_its_own_dockerfile_target() -> None:
+    targets = {name: SERVICES[name]["build"]["target"] for name in ("api", *WORKERS)}
+    assert targets == {"api": "api", "worker": "worker-cuda", "worker-cpu": "worker"}
+    images = {SERVICES[name]["image"] for name in targets}
+    assert len(images) == len(targets), "two different builds under one image name"
 
 
 @pytest.mark.parametrize("service", ["api", *WORKERS])
@@ -178,10 +186,123 @@ def test_dockerfile_provides_what_compose_builds() -> None:
         assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).is_file()
         for arg in build.get("args", {}):
             assert re.search(rf"^ARG {arg}\b", dockerfile, re.MULTILINE), f"Dockerfile has no ARG {arg}"
+        if "target" in build:
+            assert build["target"] in STAGES, f"the Dockerfile has no stage {build['target']}"
     copied = set(re.findall(r"^COPY (\S+) ", dockerfile, re.MULTILINE))
     assert {"service", "worker"} <= copied
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "artifacts" in ignored and "data" in ignored
+    assert "uv.lock" not in ignored and "pyproject.toml" not in ignored
+
+
+# ----- the Dockerfile's stages and what each installs from uv.lock -----
+
+def dockerfile_stages() -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (the image or stage it starts FROM, its instructions with continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    stages: dict[str, tuple[str, list[str]]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"FROM (\S+) AS (\S+)", line)
+        if match:
+            current = []
+            stages[match.group(2)] = (match.group(1), current)
+        else:
+            current.append(line)
+    return stages
+
+
+STAGES = dockerfile_stages()
+LOCK = tomllib.loads((ROOT / "uv.lock").read_text())
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+TENSORFLOW = {"tensorflow", "keras", "tf-keras", "tensorflow-cpu"}
+
+
+def lineage(stage: str) -> list[str]:
+    """The stage and the stages it is built FROM, oldest first."""
+    chain = []
+    while stage in STAGES:
+        chain.insert(0, stage)
+        stage = STAGES[stage][0]
+    return chain
+
+
+def installed_by(target: str) -> tuple[str, list[list[str]]]:
+    """(the stage whose /opt/venv the target copies, the `uv sync` argument lists that made it)."""
+    copies = [line.split() for line in STAGES[target][1] if line.startswith("COPY --from=")]
+    sources = [words[1].removeprefix("--from=") for words in copies if words[2] == "/opt/venv"]
+    assert len(sources) == 1, f"{target} should copy one /opt/venv"
+    syncs = [shlex.split(line)[1:] for stage in lineage(sources[0]) for line in STAGES[stage][1]
+             if line.startswith("RUN") and " uv sync " in line]
+    return sources[0], [args[args.index("sync") + 1:] for args in syncs]
+
+
+def extras(sync_args: list[str]) -> set[str]:
+    return {sync_args[i + 1] for i, arg in enumerate(sync_args) if arg == "--extra"}
+
+
+def locked_closure(extra_names: set[str]) -> set[str]:
+    """Every package uv.lock can install for the project with these extras (all platforms: a superset)."""
+    packages = {p["name"]: p for p in LOCK["package"]}
+    seen: set[str] = set()
+    todo = [(PROJECT["project"]["name"], frozenset(extra_names))]
+    while todo:
+        name, wanted = todo.pop()
+        key = f"{name}[{','.join(sorted(wanted))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        package = packages[name]
+        deps = list(package.get("dependencies", []))
+        for extra in wanted:
+            deps += package.get("optional-dependencies", {}).get(extra, [])
+        todo += [(dep["name"], frozenset(dep.get("extra", []))) for dep in deps]
+    return {key.split("[", 1)[0] for key in seen} - {PROJECT["project"]["name"]}
+
+
+def test_images_install_from_the_lock_dependencies_before_sources() -> None:
+    for target in ("api", "worker", "worker-cuda"):
+        deps_stage, syncs = installed_by(target)
+        assert syncs, f"{target}: no `uv sync` makes its venv"
+        for args in syncs:
+            # --locked: the build fails when uv.lock is stale; the project itself is not installed (PYTHONPATH).
+            assert {"--locked", "--no-dev", "--no-install-project"} <= set(args), args
+        for stage in lineage(deps_stage):
+            copies = [line for line in STAGES[stage][1] if line.startswith("COPY")]
+            assert all(line.split()[1:-1] == ["pyproject.toml", "uv.lock"] for line in copies), \
+                f"{stage}: the dependency layers see only pyproject.toml and uv.lock, not {copies}"
+        # The sources come after the venv, in the image's own stage.
+        lines = STAGES[target][1]
+        venv = next(i for i, line in enumerate(lines) if line.startswith("COPY --from="))
+        assert all(lines.index(f"COPY {d} ./{d}") > venv for d in ("service", "worker"))
+        assert any("PYTHONPATH=/app" in line for stage in lineage(target) for line in STAGES[stage][1])
+
+
+def test_the_api_image_carries_no_tensorflow_and_the_workers_do() -> None:
+    wanted = {target: set().union(*map(extras, installed_by(target)[1])) for target in ("api", "worker", "worker-cuda")}
+    assert wanted == {"api": set(), "worker": {"train"}, "worker-cuda": {"train", "cuda"}}
+    api = locked_closure(wanted["api"])
+    assert not api & TENSORFLOW, f"the API image would install {sorted(api & TENSORFLOW)}"
+    assert {"fastapi", "uvicorn", "ai-edge-litert", "celery", "redis", "pillow"} <= api
+    worker = locked_closure(wanted["worker"])
+    assert {"tensorflow", "keras", "matplotlib"} <= worker and not any(n.startswith("nvidia-") for n in worker)
+    assert any(n.startswith("nvidia-cudnn") for n in locked_closure(wanted["worker-cuda"]))
+
+
+def test_the_dockerfile_and_the_makefile_pin_the_same_uv() -> None:
+    dockerfile = re.search(r"^ARG UV_VERSION=(\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    makefile = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert dockerfile and makefile and dockerfile.group(1) == makefile.group(1)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "uv").exists(), reason="no .venv/bin/uv (make install puts it there)")
+def test_the_lock_matches_pyproject() -> None:
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "uv"), "lock", "--locked", "--offline"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, f"uv.lock is stale: run `make lock`\n{result.stderr}"
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI")
