@@ -26,10 +26,13 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 Files = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
 
 
-def shared_data_dir() -> Path:
-    """TL_DATA_DIR when set, else the shared data next to the repository (as in CI)."""
+def cifar10_test_file() -> Path:
+    """CIFAR-10's test.npz: under TL_DATA_DIR when it is there, else in the shared data next to the repository."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10" / "test.npz"
     env = os.environ.get("TL_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    if env and (Path(env) / "cifar10" / "test.npz").is_file():
+        return Path(env) / "cifar10" / "test.npz"
+    return shared
 
 
 def encode(pixels: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:

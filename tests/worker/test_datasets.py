@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from datasets_archives import (
     CIFAR10_CLASSES,
+    cifar10_test_file,
     encode,
     png_claiming,
-    shared_data_dir,
     tar_special,
     varied_file,
     write_tar,
@@ -54,9 +54,9 @@ Files = dict[str, bytes]
 
 @pytest.fixture(scope="session")
 def cifar() -> tuple[np.ndarray, np.ndarray]:
-    path = shared_data_dir() / "cifar10" / "test.npz"
+    path = cifar10_test_file()
     if not path.is_file():
-        pytest.skip(f"CIFAR-10 test images not found at {path} (set TL_DATA_DIR)")
+        pytest.skip(f"CIFAR-10 test images not found in TL_DATA_DIR nor at {path}")
     with np.load(path) as data:
         return data["x"][:600].copy(), data["y"][:600].astype(np.int64)
 

@@ -144,7 +144,8 @@ def safe_path(name: str) -> str:
     """The entry's path, normalised ("a//./b/" -> "a/b"); refuses one that could point outside the archive."""
     posix = name.replace("\\", "/")
     parts = [part for part in posix.split("/") if part not in ("", ".")]
-    if "\x00" in name or posix.startswith("/") or (len(posix) >= 2 and posix[1] == ":") or ".." in parts:
+    drive = len(posix) >= 2 and posix[0].isalpha() and posix[1] == ":"  # C:x, C:/x (Windows)
+    if "\x00" in name or posix.startswith("/") or drive or ".." in parts:
         raise DatasetError(f"archive entry {name!r} points outside the archive (an absolute path or '..'): "
                            "path traversal is refused; create the archive from inside its folder so that every "
                            "entry is a relative path such as roses/001.jpg")
