@@ -94,7 +94,8 @@ def process_dataset_now(dataset_id: str, settings: Settings | None = None) -> st
     if store.get(dataset_id) is None:  # deleted while it was processed
         store.delete(dataset_id)
         return "deleted"
-    record = record.model_copy(update={**summary.model_dump(), "status": "ready", "progress": 1.0, "error": None})
+    record = DatasetRecord.model_validate({**record.model_dump(), **summary.model_dump(), "status": "ready",
+                                           "progress": 1.0, "error": None})
     store.put(record)
     store.discard_upload(dataset_id)
     log.info("dataset %s: ready: %d classes, %d train / %d test images", dataset_id, len(record.classes),
