@@ -78,9 +78,10 @@ def process_dataset_now(dataset_id: str, settings: Settings | None = None) -> st
         return _fail(store, record, "UploadMissing", "the uploaded archive is gone; upload it again")
     record.started_at = time.time()
     store.put(record)
+    running = record
 
     def progress(fraction: float) -> None:
-        record.progress = round(min(max(fraction, 0.0), 1.0), 4)
+        running.progress = round(min(max(fraction, 0.0), 1.0), 4)
 
     try:
         with _heartbeat(store, record, settings.job_heartbeat_seconds), store.staging(dataset_id) as staging:
