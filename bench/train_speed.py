@@ -70,7 +70,7 @@ def reference_way(spec: JobCreate, settings: Settings) -> dict[str, Any]:
     keras.utils.set_random_seed(spec.seed)
     base = build_base(spec, resolve_weights(settings, spec.alpha, spec.image_size))
     inputs = keras.Input((spec.image_size, spec.image_size, 3))
-    model = keras.Model(inputs, head_layers(base(inputs, training=False), spec))
+    model = keras.Model(inputs, head_layers(base(inputs, training=False), spec, 10))
     model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     prepared = time.perf_counter()

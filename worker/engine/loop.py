@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,25 +64,27 @@ class TrainingLoop:
         # chunk and the validation batches all differ in size; each new size would otherwise cost a retrace).
         images = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
         labels = tf.TensorSpec([None], tf.int32)
+        sample_weights = tf.TensorSpec([None], tf.float32)
 
-        def step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def step(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             with tf.GradientTape() as tape:
                 probs = tf.cast(model(x, training=True), tf.float32)  # float16 outputs under mixed precision
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+                # Keras' sample-weight semantics ("sum over batch size"); all ones without class weights.
+                loss = tf.reduce_mean(w * keras.losses.sparse_categorical_crossentropy(y, probs))
                 scaled = optimizer.scale_loss(loss)  # the loss itself unless a LossScaleOptimizer
             optimizer.apply(tape.gradient(scaled, variables), variables)
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, axis=1, output_type=tf.int32), y), tf.float32))
             return loss * tf.cast(tf.shape(y)[0], tf.float32), correct
 
-        @tf.function(input_signature=[images, labels])
-        def run_chunk(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        @tf.function(input_signature=[images, labels, sample_weights])
+        def run_chunk(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             n = tf.shape(y)[0]
             steps = (n + batch_size - 1) // batch_size
 
             def body(i: tf.Tensor, loss_sum: tf.Tensor, correct: tf.Tensor) -> tuple[tf.Tensor, ...]:
                 start = i * batch_size
                 stop = tf.minimum(start + batch_size, n)
-                loss, right = step(x[start:stop], y[start:stop])
+                loss, right = step(x[start:stop], y[start:stop], w[start:stop])
                 return i + 1, loss_sum + loss, correct + right
 
             _, loss_sum, correct = tf.while_loop(lambda i, *_: i < steps, body,
@@ -107,18 +109,24 @@ class TrainingLoop:
                 between()
         return np.concatenate(out).astype(np.float32)
 
-    def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, epochs: int, seed: int,
-            first_epoch: int = 1, after_chunk: Callable[[float], None] | None = None,
+    def fit(self, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+            epochs: int, seed: int, first_epoch: int = 1, class_weights: np.ndarray | None = None,
+            after_chunk: Callable[[float], None] | None = None,
             on_epoch: Callable[[EpochRecord], None] | None = None) -> LoopResult:
         """Run `epochs` epochs numbered from `first_epoch`.
 
+        `x` is the training inputs, or a list of views of them (augmented copies, same order): epoch `e` trains
+        on view `(e - first_epoch) % len(views)`. `class_weights[c]` weights the loss of each class-c sample.
         `after_chunk(fraction_done)` runs between chunks (the place for a cancel check: it may raise),
         `on_epoch(record)` after each epoch's validation.
         """
         import tensorflow as tf
 
-        n = len(x)
+        views: list[np.ndarray] = list(x) if isinstance(x, list | tuple) else [np.asarray(x)]
+        n = len(views[0])
         labels = np.asarray(y, dtype=np.int32)
+        weights = (np.ones(n, dtype=np.float32) if class_weights is None
+                   else np.asarray(class_weights, dtype=np.float32)[labels])
         chunk = self.chunk_batches * self.batch_size
         history: list[EpochRecord] = []
         val_probs = np.empty((0,), dtype=np.float32)
@@ -126,11 +134,12 @@ class TrainingLoop:
             epoch = first_epoch + index
             started = time.perf_counter()
             order = epoch_order(seed, epoch, n)
+            inputs = views[index % len(views)]
             loss_sum = correct = 0.0
             for start in range(0, n, chunk):
                 picked = order[start:start + chunk]
-                chunk_loss, chunk_correct = self._run_chunk(tf.constant(x[picked], dtype=tf.float32),
-                                                            tf.constant(labels[picked]))
+                chunk_loss, chunk_correct = self._run_chunk(tf.constant(inputs[picked], dtype=tf.float32),
+                                                            tf.constant(labels[picked]), tf.constant(weights[picked]))
                 loss_sum += float(chunk_loss)
                 correct += float(chunk_correct)
                 if after_chunk is not None:

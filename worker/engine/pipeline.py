@@ -1,9 +1,11 @@
 """The training engine: a job spec in, a saved model directory out. No HTTP, no Redis, no Celery.
 
-`train_job(spec, settings, reporter)` runs one job: load CIFAR-10 and draw the seeded subsets, build the model,
+`train_job(spec, settings, reporter)` runs one job: load CIFAR-10 or an uploaded dataset and draw the seeded
+subsets (images resized to the model's input), build the model,
 train it (the transfer model through the frozen-base fast path: base features computed once and cached, the head
-trained on them, then optionally fine-tuning on images), evaluate it on the test subset, and publish
-model.keras, model.tflite (when it passes its check), metadata.json and curves.png atomically through
+trained on them, then optionally fine-tuning on images), evaluate it on the test subset (per-class scores and the
+confusion matrix), and publish model.keras, model.tflite (when it passes its check), metadata.json, curves.png and
+confusion.png atomically through
 `ModelStore`. Progress, finished epochs and the cancel check go through a `Reporter`; the Celery task and the
 command line each bring their own.
 
@@ -19,6 +21,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +29,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.config import Settings
+from worker.engine.augment import augmented_view, view_count
 from worker.engine.data import Dataset, Subset, draw_subsets, load_cifar10, take
+from worker.engine.datasets import class_weights, draw_uploaded_subsets, load_uploaded, resize_images
+from worker.engine.evaluation import Evaluation, evaluate, plot_confusion
 from worker.engine.export import ExportTemplate
 from worker.engine.features import FeatureKey
 from worker.engine.loop import CHUNK_BATCHES, LoopResult, TrainingLoop, loss_and_accuracy
@@ -36,7 +42,7 @@ from worker.errors import ArtifactWriteError, JobCancelled
 from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.store import CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
+from worker.store import CONFUSION_FILE, CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +177,20 @@ class _Progress:
 
 def _stage_weights(spec: JobCreate) -> dict[str, float]:
     """Rough CPU seconds per stage (only their ratios matter)."""
-    images = spec.train_samples + spec.test_samples
+    train = spec.train_samples or 1000  # "all of an uploaded dataset": a guess, only ratios matter
+    test = spec.test_samples or 250
+    images = train + test
+    views = max(1, view_count(spec.augment, spec.epochs))
     scale = (spec.image_size / 96) ** 2 * spec.alpha
     weights = {"loading_data": 2.0, "evaluating": 0.5, "saving": 5.0}
     if spec.model == "baseline":
         weights["training"] = spec.epochs * images * 0.0004
         return weights
-    weights["extracting_features"] = 2.0 + (spec.train_samples * 0.0006 + spec.test_samples * 0.003) * scale
-    weights["training"] = spec.epochs * spec.train_samples * 0.0002
+    weights["extracting_features"] = 2.0 + (views * train * 0.0006 + test * 0.003) * scale
+    weights["training"] = spec.epochs * train * 0.0002
     if spec.fine_tuning:
         weights["fine_tuning"] = spec.fine_tune_epochs * images * 0.006 * scale
-        weights["evaluating"] += spec.test_samples * 0.003 * scale
+        weights["evaluating"] += test * 0.003 * scale
     return weights
 
 
@@ -232,12 +241,18 @@ class JobData:
     """The dataset as read, the job's seeded subsets of it, and their images and labels."""
 
     dataset: Dataset
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # the model's input; images are already at this size
     train_subset: Subset
     test_subset: Subset
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+    @property
+    def class_count(self) -> int:
+        return len(self.classes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,6 +265,17 @@ class JobContext:
     progress: _Progress
     data: JobData
     weights: WeightsFile | None  # transfer jobs only
+    class_weights: np.ndarray | None  # `class_weight: balanced` only
+
+    def train_views(self) -> list[np.ndarray]:
+        """The training images to fit on: the images themselves, or their augmented views (computed once)."""
+        cached = getattr(self, "_views", None)
+        if cached is None:
+            count = view_count(self.spec.augment, self.spec.epochs)
+            cached = [self.data.x_train] if count == 0 else [
+                augmented_view(self.data.x_train, self.spec.augment, self.spec.seed, view) for view in range(count)]
+            object.__setattr__(self, "_views", cached)
+        return list(cached)
 
 
 @dataclass(frozen=True)
@@ -303,6 +329,9 @@ class TrainedModel:
     test_probs: np.ndarray
     training: TrainingRecord
 
+    def evaluation(self, labels: np.ndarray, classes: list[str]) -> Evaluation:
+        return evaluate(labels, np.argmax(self.test_probs, axis=1), classes)
+
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -331,13 +360,15 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     weights = resolve_weights(settings, spec.alpha, spec.image_size) if spec.model == "transfer" else None
     progress.within(1.0)
     progress.check_cancel()
-    job = JobContext(spec, settings, runtime, progress, data, weights)
+    balanced = class_weights(data.y_train, data.class_count) if spec.class_weight == "balanced" else None
+    job = JobContext(spec, settings, runtime, progress, data, weights, balanced)
 
     keras.utils.set_random_seed(spec.seed)
     trained = _train_baseline(job) if spec.model == "baseline" else _train_transfer(job)
 
     progress.enter("evaluating")
     test_loss, test_accuracy = loss_and_accuracy(trained.test_probs, data.y_test)
+    evaluation = trained.evaluation(data.y_test, data.classes)
     from worker.engine.models import count_params
 
     params = count_params(trained.model)
@@ -348,7 +379,7 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     store = ModelStore(settings.artifact_dir)
     with store.staging(model_id) as staging:
         try:
-            export = _write_model_files(job, trained, staging, test_accuracy)
+            export = _write_model_files(job, trained, staging, test_accuracy, evaluation)
         except OSError as exc:
             raise ArtifactWriteError(
                 f"cannot write the model files of {model_id} under {store.models_dir}: {exc}; check free space "
@@ -362,6 +393,9 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
             params_trainable=params["trainable"],
             params_non_trainable=params["non_trainable"],
             train_seconds=round(time.perf_counter() - started, 3),
+            macro_f1=evaluation.macro_f1,
+            per_class=evaluation.per_class,
+            confusion_matrix=evaluation.confusion_matrix,
         )
         record = ModelRecord(model_id=model_id, job_id=job_id, metrics=metrics, params=params,
                              timings=progress.timings_so_far(), export=export)
@@ -380,11 +414,23 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
 
 
 def _load_data(spec: JobCreate, settings: Settings) -> JobData:
-    dataset = load_cifar10(settings)
-    train_subset, test_subset = draw_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
+    """The job's subsets at the model's input size: 32x32 on CIFAR-10 and for the baseline on every dataset,
+    `image_size` for the transfer model on an uploaded dataset."""
+    if not spec.uploaded:
+        dataset = load_cifar10(settings)
+        assert spec.train_samples is not None and spec.test_samples is not None  # JobCreate fills CIFAR-10's
+        train_subset, test_subset = draw_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
+        x_train, y_train = take(dataset.train, train_subset)
+        x_test, y_test = take(dataset.test, test_subset)
+        return JobData(dataset, list(CLASS_NAMES), INPUT_SHAPE, train_subset, test_subset,
+                       x_train, y_train, x_test, y_test)
+    dataset, classes = load_uploaded(settings, spec.dataset)
+    train_subset, test_subset = draw_uploaded_subsets(dataset, spec.train_samples, spec.test_samples, spec.seed)
+    size = INPUT_SHAPE[0] if spec.model == "baseline" else spec.image_size
     x_train, y_train = take(dataset.train, train_subset)
     x_test, y_test = take(dataset.test, test_subset)
-    return JobData(dataset, train_subset, test_subset, x_train, y_train, x_test, y_test)
+    return JobData(dataset, classes, (size, size, 3), train_subset, test_subset,
+                   resize_images(x_train, size), y_train, resize_images(x_test, size), y_test)
 
 
 def _export_template(job: JobContext) -> ExportTemplate | None:
@@ -400,14 +446,15 @@ def _export_template(job: JobContext) -> ExportTemplate | None:
 
     key = json.dumps({"weights_sha256": job.weights.sha256, "image_size": spec.image_size,
                       "alpha": float(spec.alpha), "dense_units": list(spec.dense_units),
+                      "classes": job.data.class_count, "input_shape": list(job.data.input_shape),
                       "tensorflow": runtime.tensorflow_version, "keras": runtime.keras_version}, sort_keys=True)
     return ExportTemplate(directory=job.settings.export_template_dir, key=hashlib.sha256(key.encode()).hexdigest(),
                           patch_layers=tuple(head_layer_names(spec)))
 
 
 def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, test_accuracy: float,
-                       ) -> dict[str, Any]:
-    """model.keras, model.tflite (when its check passes) and curves.png; returns the export record."""
+                       evaluation: Evaluation) -> dict[str, Any]:
+    """model.keras, model.tflite (when its check passes), curves.png and confusion.png; returns the export record."""
     from worker.engine.export import export_tflite, save_keras
     from worker.engine.plots import plot_curves
 
@@ -419,13 +466,15 @@ def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, te
     progress.within(0.8)
     plot_curves(trained.history, spec.model, test_accuracy, staging / CURVES_FILE,
                 fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
+    plot_confusion(evaluation, job.data.classes, staging / CONFUSION_FILE, f"{spec.model} model")
     progress.within(0.9)
     return export
 
 
-def _fit(job: JobContext, loop: TrainingLoop, x_train: np.ndarray, x_test: np.ndarray, *, epochs: int,
-         first_epoch: int = 1) -> LoopResult:
-    """Train on (x_train, the job's train labels), validating on (x_test, its test labels) after each epoch."""
+def _fit(job: JobContext, loop: TrainingLoop, x_train: np.ndarray | list[np.ndarray], x_test: np.ndarray, *,
+         epochs: int, first_epoch: int = 1) -> LoopResult:
+    """Train on (x_train, the job's train labels), validating on (x_test, its test labels) after each epoch;
+    `x_train` may be a list of views (augmentation), one per epoch in turn."""
     progress = job.progress
 
     def after_chunk(fraction: float) -> None:
@@ -433,7 +482,8 @@ def _fit(job: JobContext, loop: TrainingLoop, x_train: np.ndarray, x_test: np.nd
         progress.within(fraction)
 
     return loop.fit(x_train, job.data.y_train, x_test, job.data.y_test, epochs=epochs, seed=job.spec.seed,
-                    first_epoch=first_epoch, after_chunk=after_chunk, on_epoch=progress.reporter.epoch_end)
+                    first_epoch=first_epoch, class_weights=job.class_weights, after_chunk=after_chunk,
+                    on_epoch=progress.reporter.epoch_end)
 
 
 def _train_baseline(job: JobContext) -> TrainedModel:
@@ -442,11 +492,11 @@ def _train_baseline(job: JobContext) -> TrainedModel:
     from worker.engine.models import build_baseline
 
     spec = job.spec
-    model = build_baseline()
+    model = build_baseline(job.data.class_count)
     job.progress.enter("training")
     loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=spec.learning_rate), spec.batch_size,
                         validation_batch=IMAGE_EVAL_BATCH)
-    result = _fit(job, loop, job.data.x_train, job.data.x_test, epochs=spec.epochs)
+    result = _fit(job, loop, job.train_views(), job.data.x_test, epochs=spec.epochs)
     # The last epoch's validation pass ran the final weights on the test images: those are the test results.
     return TrainedModel(model, result.history, result.val_probs,
                         TrainingRecord(optimizer="Adam", evaluated_on="full model on the test images"))
@@ -458,7 +508,8 @@ class _SplitFeatures:
 
     split: str
     key: FeatureKey
-    images: np.ndarray
+    images: Callable[[], np.ndarray]  # only called on a cache miss (augmented views are computed then)
+    count: int
     litert: bool
 
 
@@ -473,31 +524,39 @@ def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.nd
     # model's probabilities. The training split goes through LiteRT on a CPU (faster there; the values differ
     # only by float rounding), through TensorFlow on a GPU.
     use_litert = runtime.gpus == 0
-    splits = [(data.train_subset, data.dataset.train, data.x_train, use_litert),
-              (data.test_subset, data.dataset.test, data.x_test, False)]
+    views = view_count(spec.augment, spec.epochs)
+    splits: list[tuple[str, str, Subset, Callable[[], np.ndarray], bool]] = []
+    if views == 0:
+        splits.append(("train", data.dataset.train.identity, data.train_subset, lambda: data.x_train, use_litert))
+    for view in range(views):
+        identity = (f"{data.dataset.train.identity}|augment={','.join(sorted(spec.augment))}|seed={spec.seed}"
+                    f"|view={view}")
+        splits.append((f"train-view{view}", identity, data.train_subset,
+                       lambda view=view: job.train_views()[view], use_litert))  # type: ignore[misc]
+    splits.append(("test", data.dataset.test.identity, data.test_subset, lambda: data.x_test, False))
     cache = FeatureCache(job.settings.feature_cache_dir, job.settings.feature_cache_max_bytes)
     features: dict[str, np.ndarray] = {}
     cache_report: dict[str, str] = {}
     extractors: dict[str, str] = {}
     pending: list[_SplitFeatures] = []
-    for subset, split, images, litert in splits:
+    for name, identity, subset, load_images, litert in splits:
         extractor_name = f"{litert_version()} (converted by {tensorflow_runtime})" if litert else tensorflow_runtime
-        key = FeatureKey(split=subset.split, data_identity=split.identity, indices_sha256=subset.indices_sha256,
+        key = FeatureKey(split=name, data_identity=identity, indices_sha256=subset.indices_sha256,
                          count=len(subset.indices), image_size=spec.image_size, alpha=float(spec.alpha),
                          weights_sha256=job.weights.sha256, extractor=extractor_name)
-        extractors[subset.split] = extractor_name
+        extractors[name] = extractor_name
         cached = cache.load(key)
         if cached is not None:
-            features[subset.split] = cached
-            cache_report[subset.split] = "hit"
+            features[name] = cached
+            cache_report[name] = "hit"
         else:
-            pending.append(_SplitFeatures(subset.split, key, images, litert))
-            cache_report[subset.split] = "miss" if cache.enabled else "disabled"
+            pending.append(_SplitFeatures(name, key, load_images, len(subset.indices), litert))
+            cache_report[name] = "miss" if cache.enabled else "disabled"
     if pending:
         progress.enter("extracting_features")
         # LiteRT takes less time per image, so its images weigh less in the stage's progress.
         cost = {True: 0.2, False: 1.0}
-        total = sum(len(item.images) * cost[item.litert] for item in pending)
+        total = sum(item.count * cost[item.litert] for item in pending)
         done_before = 0.0
         for item in pending:
             def on_batch(done: int, _total: int, offset: float = done_before, weight: float = cost[item.litert],
@@ -506,9 +565,10 @@ def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.nd
                 progress.within((offset + done * weight) / total)
 
             key = item.key
+            images = item.images()
             if item.litert:
                 try:
-                    features[item.split] = extract_features_litert(extractor, item.images, on_batch=on_batch)
+                    features[item.split] = extract_features_litert(extractor, images, on_batch=on_batch)
                 except JobCancelled:
                     raise
                 except Exception as exc:  # conversion or runtime trouble: TensorFlow computes the same thing
@@ -516,10 +576,10 @@ def _transfer_features(job: JobContext, extractor: Any) -> tuple[dict[str, np.nd
                                 type(exc).__name__, exc)
                     key = dataclasses.replace(key, extractor=tensorflow_runtime)
                     extractors[item.split] = tensorflow_runtime
-                    features[item.split] = extract_features(extractor, item.images, on_batch=on_batch)
+                    features[item.split] = extract_features(extractor, images, on_batch=on_batch)
             else:
-                features[item.split] = extract_features(extractor, item.images, on_batch=on_batch)
-            done_before += len(item.images) * cost[item.litert]
+                features[item.split] = extract_features(extractor, images, on_batch=on_batch)
+            done_before += item.count * cost[item.litert]
             cache.store(key, features[item.split])
     return features, FeatureRecord(cache=cache_report, extractor=extractors)
 
@@ -533,15 +593,16 @@ def _train_transfer(job: JobContext) -> TrainedModel:
     assert job.weights is not None
     # The full model is built first and the head copies its initial weights, so for a given seed the fast path
     # starts from exactly the weights a plain `fit` of the whole model would.
-    transfer = build_transfer(spec, job.weights)
-    head = build_head(spec, transfer.feature_shape)
+    transfer = build_transfer(spec, job.weights, data.class_count, data.input_shape)
+    head = build_head(spec, transfer.feature_shape, data.class_count)
     copy_head_weights(transfer.model, head, spec)
 
     features, feature_record = _transfer_features(job, transfer.extractor)
 
     progress.enter("training")
     loop = TrainingLoop(head, fused_adam(spec.learning_rate), spec.batch_size)
-    result = _fit(job, loop, features["train"], features["test"], epochs=spec.epochs)
+    train_features = [features[name] for name in sorted(features) if name.startswith("train")]
+    result = _fit(job, loop, train_features, features["test"], epochs=spec.epochs)
     history = list(result.history)
     copy_head_weights(head, transfer.model, spec)
     optimizer = "Adam (fused kernel) for the head"
@@ -559,7 +620,8 @@ def _train_transfer(job: JobContext) -> TrainedModel:
     unfrozen = unfreeze_top(transfer.base, spec.fine_tune_layers)
     tuning = TrainingLoop(transfer.model, keras.optimizers.Adam(learning_rate=spec.fine_tune_learning_rate),
                           spec.batch_size, validation_batch=IMAGE_EVAL_BATCH)
-    tuned = _fit(job, tuning, data.x_train, data.x_test, epochs=spec.fine_tune_epochs, first_epoch=spec.epochs + 1)
+    tuned = _fit(job, tuning, job.train_views(), data.x_test, epochs=spec.fine_tune_epochs,
+                 first_epoch=spec.epochs + 1)
     history.extend(tuned.history)
     fine_tuning = FineTuningRecord(layers=spec.fine_tune_layers, layers_with_weights_unfrozen=unfrozen,
                                    learning_rate=spec.fine_tune_learning_rate)
@@ -570,17 +632,27 @@ def _train_transfer(job: JobContext) -> TrainedModel:
 
 def _metadata(job: JobContext, trained: TrainedModel, record: ModelRecord) -> dict[str, Any]:
     spec, data, runtime = job.spec, job.data, job.runtime
-    height, width, channels = INPUT_SHAPE
+    height, width, channels = data.input_shape
+    source = data.dataset.source
+    if spec.uploaded:
+        dataset = {"id": spec.dataset, "name": source.get("name"), "sha256": source.get("sha256")}
+        subset_rule = ("all of each split when no count is given, else per class in proportion, numpy "
+                       "default_rng([seed, 0]) for train and [seed, 1] for test, indices sorted")
+    else:
+        dataset = {"id": spec.dataset, "name": "CIFAR-10", "sha256": source.get("train", {}).get("sha256")}
+        subset_rule = "numpy default_rng([seed, 0]) for train, [seed, 1] for test; choice without replacement, " \
+                      "indices sorted"
     return {
         "id": record.model_id,
         "name": spec.name,
         "kind": spec.model,
         "job_id": record.job_id,
         "created_at": utc_now(),
-        "classes": list(CLASS_NAMES),
-        "input_shape": list(INPUT_SHAPE),
+        "classes": list(data.classes),
+        "input_shape": list(data.input_shape),
+        "dataset": dataset,
         "input": f"float32 (batch, {height}, {width}, {channels}) raw RGB 0..255; preprocessing is inside the model",
-        "output": f"float32 (batch, {len(CLASS_NAMES)}) softmax probabilities in the order of classes",
+        "output": f"float32 (batch, {data.class_count}) softmax probabilities in the order of classes",
         "spec": spec.public(),
         "metrics": record.metrics.model_dump(mode="json"),
         "history": [epoch.model_dump(mode="json") for epoch in trained.history],
@@ -593,8 +665,11 @@ def _metadata(job: JobContext, trained: TrainedModel, record: ModelRecord) -> di
             "train_samples": spec.train_samples,
             "test_samples": spec.test_samples,
             "seed": spec.seed,
-            "subset_rule": "numpy default_rng([seed, 0]) for train, [seed, 1] for test; choice without "
-                           "replacement, indices sorted",
+            "subset_rule": subset_rule,
+            "train_images": len(data.y_train),
+            "test_images": len(data.y_test),
+            "class_weight": spec.class_weight,
+            "augment": {"views": view_count(spec.augment, spec.epochs), "layers": list(spec.augment)},
             "train_indices_sha256": data.train_subset.indices_sha256,
             "test_indices_sha256": data.test_subset.indices_sha256,
         },

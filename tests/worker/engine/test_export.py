@@ -83,7 +83,7 @@ def assert_shipped_by_full_conversion(record: dict[str, Any], out: Path, convert
 @pytest.fixture(scope="module")
 def model(shared_settings: Settings) -> keras.Model:
     configure_tensorflow(shared_settings)
-    return build_transfer(SPEC, resolve_weights(shared_settings, SPEC.alpha, SPEC.image_size)).model
+    return build_transfer(SPEC, resolve_weights(shared_settings, SPEC.alpha, SPEC.image_size), 10).model
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_a_second_export_patches_the_template_and_passes_the_check(model: keras.
 
 def test_a_template_is_not_used_for_a_head_of_other_shapes(shared_settings: Settings, templates: Path) -> None:
     spec = SPEC.model_copy(update={"dense_units": [16]})  # same key: the caller forgot the head layout
-    other = build_transfer(spec, resolve_weights(shared_settings, spec.alpha, spec.image_size)).model
+    other = build_transfer(spec, resolve_weights(shared_settings, spec.alpha, spec.image_size), 10).model
     with pytest.raises(TemplateUnusable, match="head weights differ"):
         TfliteTemplates(templates).patch(KEY, other, head_layer_names(spec))
 

@@ -29,7 +29,7 @@ def test_head_on_features_equals_the_full_model_on_images(shared_settings: Setti
     _, test_subset = draw_subsets(dataset, 100, 100, seed=0)
     images, _ = take(dataset.test, test_subset)
     keras.utils.set_random_seed(0)
-    transfer = build_transfer(SPEC, resolve_weights(shared_settings, SPEC.alpha, SPEC.image_size))
+    transfer = build_transfer(SPEC, resolve_weights(shared_settings, SPEC.alpha, SPEC.image_size), 10)
     features = extract_features(transfer.extractor, images, batch_size=64)
     head = keras.Model(transfer.model.get_layer("head_flatten").input, transfer.model.output)
     via_features = head.predict(features, verbose=0)
@@ -54,7 +54,7 @@ def test_fast_path_matches_plain_fit_of_the_whole_model(settings: Settings, reco
     train_subset, test_subset = draw_subsets(dataset, SPEC.train_samples, SPEC.test_samples, SPEC.seed)
     (x_train, y_train), (x_test, y_test) = take(dataset.train, train_subset), take(dataset.test, test_subset)
     keras.utils.set_random_seed(SPEC.seed)
-    transfer = build_transfer(SPEC, resolve_weights(settings, SPEC.alpha, SPEC.image_size))
+    transfer = build_transfer(SPEC, resolve_weights(settings, SPEC.alpha, SPEC.image_size), 10)
     model = transfer.model
     model.compile(optimizer=keras.optimizers.Adam(SPEC.learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])

@@ -17,7 +17,7 @@ from worker.engine.pipeline import TrainResult, train_job
 from worker.errors import ArtifactWriteError, JobCancelled
 from worker.litert import run_batches
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.store import CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
+from worker.store import CONFUSION_FILE, CURVES_FILE, KERAS_FILE, METADATA_FILE, TFLITE_FILE, ModelStore
 
 pytestmark = pytest.mark.realdata
 
@@ -69,8 +69,9 @@ def test_a_job_writes_a_complete_model_directory(run: str, request: pytest.Fixtu
                                                  module_settings: Settings) -> None:
     result, _ = request.getfixturevalue(run)
     files = {p.name for p in result.model_dir.iterdir()}
-    assert files == {KERAS_FILE, TFLITE_FILE, METADATA_FILE, CURVES_FILE}
+    assert files == {KERAS_FILE, TFLITE_FILE, METADATA_FILE, CURVES_FILE, CONFUSION_FILE}
     assert (result.model_dir / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (result.model_dir / CONFUSION_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metadata = json.loads((result.model_dir / METADATA_FILE).read_text())
     assert REQUIRED_METADATA <= set(metadata)
     assert metadata["id"] == result.model_id and metadata["classes"] == list(CLASS_NAMES)
@@ -231,3 +232,17 @@ def test_same_seed_and_spec_reproduce_the_model_from_scratch(
     assert second.metadata["history"] == [{**h, "seconds": s["seconds"]} for h, s in
                                           zip(first.metadata["history"], second.metadata["history"], strict=True)]
     assert second.metrics.test_accuracy == first.metrics.test_accuracy
+
+
+@pytest.mark.parametrize("run", ["baseline_run", "transfer_run"])
+def test_every_job_is_evaluated_per_class(run: str, request: pytest.FixtureRequest) -> None:
+    result, _ = request.getfixturevalue(run)
+    metrics = result.metrics
+    matrix = np.asarray(metrics.confusion_matrix)
+    assert matrix.shape == (10, 10) and int(matrix.sum()) == result.metadata["data"]["test_images"]
+    assert [c.class_ for c in metrics.per_class] == list(CLASS_NAMES)
+    assert [c.support for c in metrics.per_class] == matrix.sum(axis=1).tolist()
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(metrics.test_accuracy, abs=1e-6)
+    f1 = [c.f1 for c in metrics.per_class if c.support]
+    assert metrics.macro_f1 == pytest.approx(sum(f1) / len(f1), abs=1e-5)
+    assert result.metadata["dataset"]["id"] == "cifar10" and result.metadata["dataset"]["sha256"]
