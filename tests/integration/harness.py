@@ -1,8 +1,8 @@
-"""Real processes for the integration tests: Redis, a Celery worker and uvicorn, as `make run` starts them.
+"""Real processes for the integration tests: Redis, the Celery workers and uvicorn, as `make run` starts them.
 
 - Redis: the session's server (the `redis_server` fixture of tests/conftest.py; database `TEST_DB`, flushed
   before and after), or one of the stack's own (`private_redis`, or no URL given, as bench/ starts it);
-- one Celery worker (prefork, concurrency 1) and uvicorn `service.main:app` on a free port;
+- one training worker (prefork, concurrency 1), one dataset worker and uvicorn `service.main:app` on a free port;
 - artifacts in a temporary directory; the real data and weights where `testkit` finds them; short
   heartbeat and lost-worker times so the lost-worker test finishes in seconds; an API key, so every
   request also goes through authentication.
@@ -33,6 +33,7 @@ import redis
 from service.launcher import (
     Child,
     celery_worker_argv,
+    dataset_worker_argv,
     free_port,
     start_local_redis,
     uvicorn_argv,
@@ -68,6 +69,7 @@ class Stack:
         self.artifact_dir = self.tmp / "artifacts"
         self.redis_child: Child | None = None
         self.workers: list[Child] = []
+        self.dataset_worker: Child | None = None
         self.api: Child | None = None
         self.redis_url = redis_url or ""
         self.base_url = ""
@@ -80,6 +82,7 @@ class Stack:
             self._start_redis()
             self.env = self._child_env()
             self.start_worker()
+            self.dataset_worker = self._spawn("datasets", dataset_worker_argv(f"itds-{uuid.uuid4().hex[:6]}@%h"))
             port = free_port()
             self.base_url = f"http://127.0.0.1:{port}"
             self.api = self._spawn("api", uvicorn_argv("127.0.0.1", port, "info"))
@@ -132,7 +135,7 @@ class Stack:
         return self.workers[-1]
 
     def stop(self) -> None:
-        for child in [self.api, *reversed(self.workers)]:
+        for child in [self.api, self.dataset_worker, *reversed(self.workers)]:
             if child is not None:
                 child.stop(grace=10)
         if self.redis_child is None:
