@@ -28,13 +28,15 @@ from celery.bin.worker import worker as celery_worker_cli
 from uvicorn.main import main as uvicorn_cli
 
 from worker.config import Settings
-from worker.queue import TRAINING_QUEUE
-from worker.tasks import app as celery_app
+from worker.queue import DATASETS_QUEUE, TRAINING_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 WORKERS = ("worker", "worker-cpu")
+#: Every Celery service: its app and the one queue it consumes.
+CELERY_SERVICES = {"worker": ("worker.tasks:app", TRAINING_QUEUE), "worker-cpu": ("worker.tasks:app", TRAINING_QUEUE),
+                   "datasets": ("worker.dataset_tasks:app", DATASETS_QUEUE)}
 INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(?::?-([^}]*))?\}")
 
 
@@ -69,7 +71,7 @@ def mounts(service: str) -> dict[str, str]:
 
 
 def test_the_services_exist() -> None:
-    assert set(SERVICES) == {"redis", "api", "worker", "worker-cpu"}
+    assert set(SERVICES) == {"redis", "api", "worker", "worker-cpu", "datasets"}
 
 
 def test_redis_persists_append_only_on_a_volume_and_is_not_published() -> None:
@@ -101,31 +103,35 @@ def test_api_command_names_the_app_and_real_uvicorn_options() -> None:
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("service", WORKERS)
+@pytest.mark.parametrize("service", CELERY_SERVICES)
 def test_worker_command_names_the_app_and_real_celery_options(service: str) -> None:
     command = SERVICES[service]["command"]
     assert command[0] == "celery"
     split = command.index("worker")
     global_params = parse(celery_cli, command[1:split])
-    assert imported(global_params["app"]) is celery_app
+    app_name, queue = CELERY_SERVICES[service]
+    assert global_params["app"] == app_name
+    app = imported(app_name)
     params = parse(celery_worker_cli, command[split + 1:],
-                   obj=CLIContext(app=celery_app, no_color=True, workdir=None, quiet=True))
-    assert params["queues"] == [TRAINING_QUEUE]
+                   obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
+    assert params["queues"] == [queue]
     assert params["concurrency"] == 1
     assert params["pool"].__module__ == "celery.concurrency.prefork"
     assert SERVICES[service]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("service", WORKERS)
+@pytest.mark.parametrize("service", CELERY_SERVICES)
 def test_worker_healthcheck_pings_this_worker(service: str) -> None:
     kind, line = SERVICES[service]["healthcheck"]["test"]
     assert kind == "CMD-SHELL"
     argv = shlex.split(line.replace("$$HOSTNAME", "abc123"))
     assert argv[0] == "celery"
     split = argv.index("inspect")
-    assert imported(parse(celery_cli, argv[1:split])["app"]) is celery_app
+    app_name, _ = CELERY_SERVICES[service]
+    assert parse(celery_cli, argv[1:split])["app"] == app_name
+    app = imported(app_name)
     params = parse(celery_inspect_cli, argv[split + 1:],
-                   obj=CLIContext(app=celery_app, no_color=True, workdir=None, quiet=True))
+                   obj=CLIContext(app=app, no_color=True, workdir=None, quiet=True))
     assert params["command"] == "ping"
     # The worker's command sets no node name, so Celery names it celery@<container hostname>.
     assert "-n" not in SERVICES[service]["command"] and "--hostname" not in SERVICES[service]["command"]
@@ -147,7 +153,7 @@ def test_each_service_builds_its_own_dockerfile_target() -> None:
     assert len(images) == len(targets), "two different builds under one image name"
 
 
-@pytest.mark.parametrize("service", ["api", *WORKERS])
+@pytest.mark.parametrize("service", ["api", *CELERY_SERVICES])
 def test_environment_names_are_settings_and_their_values_valid(service: str) -> None:
     env = environment(service)
     fields = {f"TL_{name.upper()}" for name in Settings.model_fields}
@@ -157,7 +163,7 @@ def test_environment_names_are_settings_and_their_values_valid(service: str) -> 
     assert "redis" in SERVICES and "6379" in [str(p) for p in SERVICES["redis"]["expose"]]
 
 
-@pytest.mark.parametrize("service", ["api", *WORKERS])
+@pytest.mark.parametrize("service", ["api", *CELERY_SERVICES])
 def test_artifacts_volume_is_shared_at_the_artifact_dir(service: str) -> None:
     env = environment(service)
     assert mounts(service)[env["TL_ARTIFACT_DIR"]] == "artifacts"
