@@ -6,15 +6,22 @@ import json
 import os
 import re
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import testkit
 from integration.harness import API_KEY, Stack, cifar10_test_images, png_bytes, shared_stack
+from PIL import Image
+
+from service.launcher import Child, dataset_worker_argv
 
 EXAMPLES = testkit.REPO / "examples"
-SCRIPTS = ["train_baseline.sh", "train_transfer.sh", "watch_job.sh", "predict.sh", "reproduce_seed.sh"]
+SCRIPTS = ["train_baseline.sh", "train_transfer.sh", "watch_job.sh", "predict.sh", "reproduce_seed.sh",
+           "train_on_folder.sh"]
 #: Small settings the scripts take from the environment, so the whole file runs in a couple of minutes.
 SMALL = {"TRAIN_SAMPLES": "200", "TEST_SAMPLES": "100", "EPOCHS": "1", "IMAGE_SIZE": "32", "POLL": "1"}
 
@@ -108,3 +115,76 @@ def test_reproduce_seed_prints_the_side_by_side_table(weights: None, stack: Stac
     for _, url in links:
         response = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
         assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
+
+
+# ----- train_on_folder.sh: upload a folder of class folders, train on it, classify one of its images -----
+
+#: Three CIFAR-10 classes (their indices) for the folder.
+FOLDER_CLASSES = {"cats": 3, "ships": 8, "trucks": 9}
+
+
+@pytest.fixture(scope="module")
+def dataset_worker(stack: Stack) -> Iterator[Child]:
+    """A dataset worker (queue `datasets`) beside the stack, whose harness starts only the training worker."""
+    child = Child("datasets", dataset_worker_argv(f"it-datasets-{uuid.uuid4().hex[:6]}@%h"), stack.env,
+                  die_with_parent=True).start(log_file=stack.logs / "datasets.log")
+    yield child
+    child.stop(grace=10)
+
+
+def class_folders(root: Path, classes: dict[str, int], per_class: int = 30) -> Path:
+    """`root/<name>/<i>.png`: `per_class` real CIFAR-10 test images of each class."""
+    with np.load(testkit.cifar10_npz("test")) as data:
+        x, y = data["x"], data["y"].reshape(-1)
+    for name, label in classes.items():
+        (root / name).mkdir(parents=True)
+        for i, index in enumerate(np.flatnonzero(y == label)[:per_class]):
+            Image.fromarray(x[index]).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@integration
+@pytest.mark.realdata
+def test_train_on_folder_uploads_trains_and_classifies(weights: None, stack: Stack, dataset_worker: Child,
+                                                      tmp_path: Path) -> None:
+    folder = class_folders(tmp_path / "pets", FOLDER_CLASSES)
+    (folder / "notes.txt").write_text("not an image\n")
+    result = run(stack, "train_on_folder.sh", str(folder), TRAIN_SAMPLES="", TEST_SAMPLES="", EPOCHS="2",
+                 timeout=400)
+    summary = json.loads(ok(result))
+    classes = sorted(FOLDER_CLASSES)
+    assert summary["classes"] == classes
+    assert summary["dataset_id"].startswith("ds_")
+    assert summary["image"] == str(folder / "cats" / "000.png")
+    assert summary["prediction"]["label"] in classes and len(summary["prediction"]["top_k"]) == 3
+    assert f"dataset {summary['dataset_id']} ready: 3 classes, 72 train / 18 test images" in result.stderr
+    assert re.search(r"^  cats +train +24 +test +6$", result.stderr, re.MULTILINE)
+    assert "skipped 1 file(s)" in result.stderr and "notes.txt: not an image" in result.stderr
+
+    with stack.client() as client:
+        dataset = client.get(f"/v1/datasets/{summary['dataset_id']}").json()
+        assert dataset["status"] == "ready" and dataset["name"] == "pets"
+        model = client.get(f"/v1/models/{summary['model_id']}").json()
+        job = client.get(f"/v1/jobs/{summary['job_id']}").json()
+    assert model["classes"] == classes
+    assert job["spec"]["model"] == "transfer" and job["spec"]["dataset"] == summary["dataset_id"]
+    assert job["spec"]["epochs"] == 2 and job["spec"]["image_size"] == 32 and job["spec"]["train_samples"] is None
+
+
+@integration
+@pytest.mark.realdata
+def test_train_on_folder_stops_at_a_dataset_that_fails_its_checks(realdata: None, stack: Stack,
+                                                                  dataset_worker: Child, tmp_path: Path) -> None:
+    folder = class_folders(tmp_path / "lonely", {"cats": 3}, per_class=10)
+    result = run(stack, "train_on_folder.sh", str(folder), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"dataset ds_\w+ failed: InvalidDataset: found only 1 class \('cats'\)", result.stderr)
+    assert "job " not in result.stderr and result.stdout == ""
+
+
+@integration
+def test_train_on_folder_needs_one_folder(stack: Stack, tmp_path: Path) -> None:
+    usage = run(stack, "train_on_folder.sh")
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    missing = run(stack, "train_on_folder.sh", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
