@@ -32,7 +32,6 @@ import sys
 import time
 import zipfile
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
