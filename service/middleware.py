@@ -3,6 +3,8 @@
 1. Authentication: when `TL_API_KEY` is set, every `/v1` path needs `Authorization: Bearer <key>`
    (compared in constant time); other paths (`/healthz`, `/readyz`, `/metrics`, `/docs`,
    `/openapi.json`) stay open. A missing or wrong key is a 401 with `WWW-Authenticate: Bearer`.
+   The path checked is the path as routed: under `uvicorn --root-path /api`, `scope["path"]` starts with
+   the root path, which is stripped first (as Starlette's router does), so a prefix never opens a route.
 2. Body size: a `Content-Length` over `TL_MAX_UPLOAD_BYTES` (`TL_MAX_DATASET_BYTES` for a dataset upload)
    is a 413 without reading a byte of the body; a chunked body (no length) is counted as it arrives and
    cut off at the limit, and whatever the
@@ -32,6 +34,17 @@ def is_protected(path: str) -> bool:
     return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
 
 
+def routed_path(scope: Scope) -> str:
+    """The path the router matches: `scope["path"]` without the `root_path` in front of it (ASGI servers such
+    as uvicorn `--root-path` put it there), exactly as Starlette's routing strips it (`starlette._utils.get_route_path`,
+    private there)."""
+    path: str = scope["path"]
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
+
+
 def bearer_token(scope: Scope) -> bytes | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -54,7 +67,7 @@ class RequestGuard:
 
     def _limit_for(self, scope: Scope) -> tuple[int, str]:
         """The body limit of this request and the variable that sets it."""
-        if scope["method"] == "POST" and scope["path"].rstrip("/") == DATASET_UPLOAD_PATH:
+        if scope["method"] == "POST" and routed_path(scope).rstrip("/") == DATASET_UPLOAD_PATH:
             return self._dataset_limit, "TL_MAX_DATASET_BYTES"
         return self._limit, "TL_MAX_UPLOAD_BYTES"
 
@@ -62,7 +75,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._key is not None and is_protected(scope["path"]):
+        if self._key is not None and is_protected(routed_path(scope)):
             token = bearer_token(scope)
             if token is None or not hmac.compare_digest(token, self._key):
                 detail = ("missing bearer token: send 'Authorization: Bearer <TL_API_KEY>'" if token is None
