@@ -23,6 +23,7 @@ from service.errors import (
 )
 from service.serving.cache import ModelCache
 from worker.store import ALIAS_PATTERN, RESERVED_ALIASES, ModelInfo, ModelStore, valid_id
+from worker.store.local import ModelGone
 
 T = TypeVar("T")
 
@@ -100,7 +101,10 @@ class ModelRegistry:
         _check_alias(alias)
         if not valid_id(model_id) or await self._call(self.store.model_dir, model_id) is None:
             raise ModelNotFound(model_id)
-        await self._call(self.store.set_alias, alias, model_id)
+        try:
+            await self._call(self.store.set_alias, alias, model_id)
+        except ModelGone:  # deleted between the check above and the alias lock
+            raise ModelNotFound(model_id) from None
 
     async def delete_alias(self, alias: str) -> None:
         if not ALIAS_PATTERN.fullmatch(alias) or not await self._call(self.store.delete_alias, alias):

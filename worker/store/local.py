@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -30,9 +31,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from worker.errors import ArtifactWriteError
+
+log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -47,6 +50,14 @@ CONFUSION_FILE = "confusion.png"
 CIFAR10_REF: dict[str, Any] = {"id": "cifar10", "name": "CIFAR-10", "sha256": None}
 _STAGING = ".staging"
 _TRASH = ".trash"
+
+
+class ModelGone(LookupError):
+    """The model named in an alias change was deleted (or never existed) by the time the alias lock was held."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"model {model_id!r} not found")
+        self.model_id = model_id
 
 
 class ModelInfo(BaseModel):
@@ -107,7 +118,8 @@ class ModelStore:
         self.models_dir = self.artifact_dir / "models"
         self.aliases_file = self.artifact_dir / "aliases.json"
         self._lock_file = self.artifact_dir / ".aliases.lock"
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        # model id -> ((mtime_ns, size) of its metadata.json, the parsed metadata or None when malformed)
+        self._cache: dict[str, tuple[tuple[int, int], dict[str, Any] | None]] = {}
 
     # ----- writing (the worker) -----
 
@@ -158,24 +170,28 @@ class ModelStore:
         return path if (path / METADATA_FILE).is_file() else None
 
     def metadata(self, model_id: str) -> dict[str, Any] | None:
-        """The full metadata.json of a model (cached by file mtime), or None."""
+        """The full metadata.json of a model (cached by file mtime and size), or None: also when it is malformed
+        (not JSON, not an object, or without the Model fields in the right types), which is logged once per
+        version of the file. A malformed model is never listed; it can still be deleted."""
         path = self.model_dir(model_id)
         if path is None:
             return None
         meta_path = path / METADATA_FILE
         try:
-            mtime = meta_path.stat().st_mtime
+            stat = meta_path.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
             cached = self._cache.get(model_id)
-            if cached and cached[0] == mtime:
+            if cached and cached[0] == version:
                 return cached[1]
-            data = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw = meta_path.read_bytes()
+        except OSError:
             return None
-        self._cache[model_id] = (mtime, data)
+        data = _valid_metadata(model_id, meta_path, raw)
+        self._cache[model_id] = (version, data)
         return data
 
     def list_ids(self) -> list[str]:
-        """Ids of every complete model, newest first."""
+        """Ids of every complete model with readable metadata, newest first."""
         try:
             entries = [e.name for e in os.scandir(self.models_dir) if e.is_dir() and not e.name.startswith(".")]
         except FileNotFoundError:
@@ -184,7 +200,7 @@ class ModelStore:
         for model_id in entries:
             meta = self.metadata(model_id)
             if meta is not None:
-                dated.append((meta.get("created_at", ""), model_id))
+                dated.append((str(meta["created_at"]), model_id))
         dated.sort(reverse=True)
         return [model_id for _, model_id in dated]
 
@@ -193,12 +209,10 @@ class ModelStore:
         if meta is None:
             return None
         aliases = self.read_aliases() if aliases is None else aliases
-        return ModelInfo.model_validate({
-            **{k: meta.get(k) for k in ("id", "name", "kind", "job_id", "created_at", "classes", "spec", "metrics")},
-            "input_shape": meta.get("input_shape", [32, 32, 3]),
-            "dataset": meta.get("dataset") or dict(CIFAR10_REF),
-            "aliases": sorted(a for a, m in aliases.items() if m == model_id),
-        })
+        try:
+            return _model_info(meta, sorted(a for a, m in aliases.items() if m == model_id))
+        except ValidationError:  # _valid_metadata already checked it; a model never breaks a listing
+            return None
 
     def list(self) -> list[ModelInfo]:
         aliases = self.read_aliases()
@@ -218,14 +232,20 @@ class ModelStore:
         return None
 
     def delete(self, model_id: str) -> bool:
-        """Remove a model (atomically: renamed away first) and every alias pointing at it."""
+        """Remove a model (atomically: renamed away first) and every alias pointing at it. False when there is
+        no such model, also for the loser of two concurrent deletes (its rename finds nothing)."""
         path = self.model_dir(model_id)
         if path is None:
             return False
         trash = self.models_dir / _TRASH / f"{model_id}-{secrets.token_hex(4)}"
         trash.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(path, trash)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:  # another delete renamed it first
+            return False
         self._cache.pop(model_id, None)
+        # Under the aliases lock, after the rename: a `set_alias` either wrote its alias before (removed here)
+        # or takes the lock after and finds the model gone (ModelGone), so no alias is left dangling.
         with self._aliases_locked() as aliases:
             for alias in [a for a, m in aliases.items() if m == model_id]:
                 del aliases[alias]
@@ -254,9 +274,41 @@ class ModelStore:
                 write_json_atomic(self.aliases_file, aliases)
 
     def set_alias(self, alias: str, model_id: str) -> None:
+        """Point `alias` at `model_id`; ModelGone when the model does not exist once the lock is held (a
+        concurrent delete), so an alias never names a missing model."""
         with self._aliases_locked() as aliases:
+            if self.model_dir(model_id) is None:
+                raise ModelGone(model_id)
             aliases[alias] = model_id
 
     def delete_alias(self, alias: str) -> bool:
         with self._aliases_locked() as aliases:
             return aliases.pop(alias, None) is not None
+
+
+def _model_info(meta: dict[str, Any], aliases: list[str]) -> ModelInfo:
+    return ModelInfo.model_validate({
+        **{k: meta.get(k) for k in ("id", "name", "kind", "job_id", "created_at", "classes", "spec", "metrics")},
+        "input_shape": meta.get("input_shape", [32, 32, 3]),
+        "dataset": meta.get("dataset") or dict(CIFAR10_REF),
+        "aliases": aliases,
+    })
+
+
+def _valid_metadata(model_id: str, path: Path, raw: bytes) -> dict[str, Any] | None:
+    """The parsed metadata when it is a JSON object that makes a valid Model, else None (logged)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        log.warning("model %s: ignoring it, %s is not JSON (%s)", model_id, path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("model %s: ignoring it, %s is not a JSON object", model_id, path)
+        return None
+    try:
+        _model_info(data, [])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        log.warning("model %s: ignoring it, %s lacks Model fields or has wrong types (%s)", model_id, path, problems)
+        return None
+    return data
