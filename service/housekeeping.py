@@ -1,8 +1,11 @@
 """Background duties of the API process: the job reaper and the live-worker census for `/readyz`.
 
-The reaper fails a `running` (or `cancelling`) job whose worker stopped sending heartbeats for
-`TL_JOB_LOST_SECONDS` (killed, out of memory, machine lost), so no job stays running forever. The
-check is one atomic Lua script per job (worker.jobstore), so several API processes may reap at once.
+The reaper ends a `running` (or `cancelling`) job whose worker stopped sending heartbeats for
+`TL_JOB_LOST_SECONDS` (killed, out of memory, machine lost), so no job stays running forever; a job whose
+worker had already published its model is recorded `succeeded` from that model. Heartbeats carry Redis' own
+clock, and after Redis was unreachable the reaper waits `TL_JOB_LOST_SECONDS` of answers before it reaps
+again. It also sends again the task of a job that waits `queued` with no message on the queue. Each step is
+an atomic Lua script per job (worker.jobstore), so several API processes may run it at once.
 """
 
 from __future__ import annotations
@@ -14,43 +17,67 @@ from contextlib import suppress
 
 from celery import Celery
 
-from worker.jobstore import REDIS_ERRORS, AsyncJobStore
+from service.jobs import JobService
+from worker.jobstore import REDIS_ERRORS
 from worker.queue import TRAINING_QUEUE
+from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+#: A queued job whose task message is gone is sent again after this long (API.md: it starts within a minute of a
+#: worker being free, whatever was lost).
+RESEND_AFTER_SECONDS = 30.0
+
 
 def reaper_interval(lost_seconds: float) -> float:
     """How often to look: a few times per `lost_seconds`, between 0.5 and 5 seconds."""
     return max(0.5, min(5.0, lost_seconds / 3))
 
 
-async def reap_lost_jobs(store: AsyncJobStore, lost_seconds: float) -> list[str]:
-    """Fail every active job whose worker went silent; returns the ids it failed."""
+async def reap_lost_jobs(jobs: JobService, lost_seconds: float, models: ModelStore | None = None) -> list[str]:
+    """End every active job whose worker went silent: `succeeded` when its model was published (the worker died
+    between publishing and recording), `cancelled` when it was being cancelled (its model removed), else
+    `failed` (WorkerLost). Returns the ids it ended."""
     reaped = []
-    for job_id in await store.active_ids():
-        if await store.reap(job_id, lost_seconds):
-            log.warning("job %s: no worker heartbeat for %.0f s, marked failed (WorkerLost)", job_id, lost_seconds)
-            reaped.append(job_id)
+    for job_id in await jobs.store.active_ids():
+        outcome = await jobs.store.reap(job_id, lost_seconds, jobs.published)
+        if outcome is None:
+            continue
+        reaped.append(job_id)
+        if outcome.status == "succeeded":
+            log.warning("job %s: its worker went silent after publishing the model; recorded succeeded", job_id)
+        else:
+            log.warning("job %s: no worker heartbeat for %.0f s, marked %s", job_id, lost_seconds, outcome.status)
+        if outcome.discard_model and models is not None:
+            await asyncio.to_thread(models.delete, outcome.discard_model)
     return reaped
 
 
-async def run_reaper(store: AsyncJobStore, lost_seconds: float, interval: float, stop: asyncio.Event) -> None:
-    """`reap_lost_jobs` every `interval` seconds until `stop` is set; errors are logged, never fatal.
+async def run_reaper(jobs: JobService, lost_seconds: float, interval: float, stop: asyncio.Event,
+                     models: ModelStore | None = None, resend_after: float = RESEND_AFTER_SECONDS) -> None:
+    """Every `interval` seconds until `stop` is set: reap lost jobs (once Redis has answered for `lost_seconds`
+    after an outage: `jobs.watch`) and re-send stranded queued jobs; errors are logged, never fatal.
 
     Stopped by an event rather than cancelled, so a Redis command is never interrupted half-way (a
     cancelled command can leave the connection pool in a state where closing it waits forever).
     """
+    watch = jobs.watch
     redis_down = False
     while not stop.is_set():
         try:
-            await reap_lost_jobs(store, lost_seconds)
+            await jobs.store.ping()
+            watch.answered()
             if redis_down:
-                log.info("reaper: Redis answers again")
+                log.info("reaper: Redis answers again; reaping resumes after %.0f s of heartbeats", lost_seconds)
             redis_down = False
+            if watch.reaping_allowed():
+                await reap_lost_jobs(jobs, lost_seconds, models)
+            await jobs.resend_stranded(resend_after)
         except REDIS_ERRORS as exc:
             if not redis_down:
                 log.warning("reaper: Redis unavailable (%s); retrying every %.1f s", exc, interval)
             redis_down = True
+            watch.failed()
         except Exception:
             log.exception("reaper: unexpected error (will retry)")
         with suppress(TimeoutError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from celery import Celery
 
 from service.datasets import DatasetService
 from service.errors import InvalidInput, JobFinished, JobNotFound, QueueUnavailable
-from worker.jobstore import REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, failure, utc_now
+from service.watch import RedisWatch
+from worker.jobstore import NOW, REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, Published, failure, utc_now
 from worker.queue import TRAIN_TASK, TRAINING_QUEUE
 from worker.spec import JobCreate
 from worker.store import valid_id
@@ -36,11 +38,16 @@ CANCEL_ATTEMPTS = 5
 class JobService:
     """Jobs as the API sees them, over the job store and the Celery broker."""
 
-    def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float, datasets: DatasetService) -> None:
+    def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float, datasets: DatasetService,
+                 watch: RedisWatch | None = None, published: Published | None = None) -> None:
         self.store = store
         self.celery = celery
         self._lost_seconds = lost_seconds
         self._datasets = datasets
+        #: Whether Redis has answered long enough for a silent heartbeat to mean a lost worker.
+        self.watch = watch or RedisWatch(lost_seconds)
+        #: Finds a model a lost job's worker had published (its metadata), so that job is recorded `succeeded`.
+        self.published = published
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Record a queued job and send its task; returns the job and whether it is new (False: the job an
@@ -84,9 +91,44 @@ class JobService:
     async def read(self, job_id: str) -> Job:
         """The job as it stands; a running job whose worker went silent is failed (WorkerLost) first."""
         job = await self.get(job_id)
-        if job.status in ("running", "cancelling") and await self.store.reap(job_id, self._lost_seconds):
+        if job.status in ("running", "cancelling") and self.watch.reaping_allowed() and await self.store.reap(
+                job_id, self._lost_seconds, self.published):
             job = await self.get(job_id)
         return job
+
+    async def resend_stranded(self, older_than: float) -> list[str]:
+        """Send the task again for every job queued longer than `older_than` seconds (Redis' clock) whose
+        message is no longer on the queue: an API that died between writing the record and sending the task,
+        or a worker killed while it held the message. The worker runs a job only from `queued`, so a message
+        seen twice never runs a job twice."""
+        stale = await self.store.queued_longer_than(older_than)
+        if not stale:
+            return []
+        waiting = await self._queued_task_ids()
+        resent = []
+        for job_id in stale:
+            if job_id in waiting:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._send_task, job_id), ENQUEUE_TIMEOUT_SECONDS)
+            except Exception as exc:
+                log.warning("could not re-send job %s (will try again): %s", job_id, exc)
+                continue
+            await self.store.update(job_id, {"enqueued_at": NOW}, from_statuses=["queued"])
+            log.warning("job %s: queued for over %.0f s with no message on the queue; sent again", job_id,
+                        older_than)
+            resent.append(job_id)
+        return resent
+
+    async def _queued_task_ids(self, limit: int = 100_000) -> set[str]:
+        """Ids of the task messages waiting on the training queue (kombu's Redis list of JSON messages)."""
+        ids = set()
+        for raw in await self.store.redis.lrange(TRAINING_QUEUE, 0, limit - 1):
+            try:
+                ids.add(str(json.loads(raw)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return ids
 
     async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
                    cursor: str | None = None) -> tuple[builtins.list[Job], str | None]:

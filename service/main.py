@@ -29,7 +29,7 @@ from service.jobs import JobService
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.middleware import RequestGuard, is_protected
 from service.registry import ModelRegistry
-from service.routes import datasets, jobs, models, ops, predict
+from service.routes import datasets, jobs, models, oip, ops, predict, tfserving, ui
 from service.serving.cache import ModelCache
 from worker.config import Settings, get_settings
 from worker.jobstore import AsyncJobStore
@@ -73,7 +73,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
     celery = make_celery(settings)
     job_store = AsyncJobStore(redis_client(settings), settings.job_ttl_seconds)
     datasets = DatasetService(DatasetStore(settings.artifact_dir), job_store, celery, settings.job_lost_seconds)
-    jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets)
+    jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets, published=store.metadata)
     return Services(settings=settings, jobs=jobs, datasets=datasets, registry=ModelRegistry(store, cache), cache=cache,
                     celery=celery, metrics=metrics, workers=WorkerCensus(celery), executor=executor)
 
@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         interval = reaper_interval(settings.job_lost_seconds)
         stop = asyncio.Event()
-        reaper = asyncio.create_task(run_reaper(services.jobs.store, settings.job_lost_seconds, interval, stop),
+        reaper = asyncio.create_task(run_reaper(services.jobs, settings.job_lost_seconds, interval, stop,
+                                                models=services.registry.store),
                                      name="tl-reaper")
         try:
             yield
@@ -120,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # Predict first: routes are matched in order, and its requests are the ones that come by the hundred per
     # second, and matching them after the job and model routes costs several times more (no paths overlap).
-    for module in (predict, jobs, datasets, models, ops):
+    for module in (predict, oip, tfserving, jobs, datasets, models, ops, ui):
         app.include_router(module.router)
     # Added last = outermost: metrics see every answer, including the guard's 401 and 413.
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_upload_bytes,

@@ -22,7 +22,8 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -46,6 +47,10 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 PREFIX = "tl:"
 INDEX_KEY = f"{PREFIX}jobs"
+#: The same members for queued, running and cancelling jobs only: what the reaper and the re-sender look at.
+ACTIVE_KEY = f"{PREFIX}active"
+#: A field value the scripts replace by Redis' own clock (seconds), so no host's clock matters.
+NOW = "__now__"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 
 WORKER_LOST_MESSAGE = (
@@ -148,7 +153,8 @@ class Job(BaseModel):
 
 
 _JSON_FIELDS = {"spec", "progress", "history", "metrics", "error"}
-_INTERNAL_FIELDS = {"heartbeat_at", "worker", "attempts", "task_id", "created_ns", "idempotency_key"}
+_INTERNAL_FIELDS = {"heartbeat_at", "worker", "attempts", "task_id", "created_ns", "idempotency_key",
+                    "pending_model_id", "enqueued_at", "idempotency_body"}
 
 
 def encode_fields(fields: dict[str, Any]) -> dict[str, str]:
@@ -200,9 +206,33 @@ def index_member(fields: dict[str, str]) -> str:
     return f"{int(fields['created_ns']):020d}:{fields['id']}"
 
 
-# KEYS[1] job hash, KEYS[2] events channel; ARGV[1] comma list of allowed current statuses ("*" any),
-# ARGV[2] JSON object of fields to set. Returns the previous status, or false when not allowed/missing.
-_TRANSITION_LUA = """
+# Shared by the scripts: Redis' clock in seconds, and the job's member of the index sets.
+_LUA_HELPERS = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function member(key)
+  local ns = redis.call('HGET', key, 'created_ns') or '0'
+  return string.rep('0', 20 - #ns) .. ns .. ':' .. (redis.call('HGET', key, 'id') or '')
+end
+local function set_fields(key, fields)
+  local clock = nil
+  for k, v in pairs(fields) do
+    if v == '__now__' then clock = clock or string.format('%.3f', now()); v = clock end
+    redis.call('HSET', key, k, v)
+  end
+  local status = fields['status']
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+    redis.call('ZREM', KEYS[3], member(key))
+  end
+end
+"""
+
+# KEYS[1] job hash, KEYS[2] events channel, KEYS[3] active index; ARGV[1] comma list of allowed current statuses
+# ("*" any), ARGV[2] JSON object of fields to set ("__now__" = Redis' clock). Returns the previous status, or
+# false when not allowed/missing.
+_TRANSITION_LUA = _LUA_HELPERS + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 if ARGV[1] ~= '*' then
@@ -210,23 +240,59 @@ if ARGV[1] ~= '*' then
   for s in string.gmatch(ARGV[1], '[^,]+') do if s == current then ok = true end end
   if not ok then return false end
 end
-local fields = cjson.decode(ARGV[2])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+set_fields(KEYS[1], cjson.decode(ARGV[2]))
 redis.call('PUBLISH', KEYS[2], current)
 return current
 """
 
-# Reaper: fail a running/cancelling job whose heartbeat is older than ARGV[1] (unix seconds).
-_REAP_LUA = """
+# Reaper: a running/cancelling job whose heartbeat (Redis' clock) is older than ARGV[1] seconds is lost. With
+# ARGV[2] empty, only says so: {status, pending_model_id}; otherwise sets the fields ARGV[2] (JSON) as well.
+_REAP_LUA = _LUA_HELPERS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' and status ~= 'cancelling' then return false end
 local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0') or 0
-if hb >= tonumber(ARGV[1]) then return false end
-local fields = cjson.decode(ARGV[2])
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+if hb >= now() - tonumber(ARGV[1]) then return false end
+if ARGV[2] == '' then return {status, redis.call('HGET', KEYS[1], 'pending_model_id') or ''} end
+set_fields(KEYS[1], cjson.decode(ARGV[2]))
 redis.call('PUBLISH', KEYS[2], status)
-return status
+return {status, ''}
 """
+
+# Heartbeat: stamp Redis' clock on a job that still exists (never recreate a record that was removed).
+_HEARTBEAT_LUA = _LUA_HELPERS + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'heartbeat_at', string.format('%.3f', now()), 'worker', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What the reaper did to a lost job: its new status, and a published model it must remove (a job that
+    was being cancelled when its worker died published nothing the user wants)."""
+
+    status: str
+    discard_model: str | None = None
+
+
+#: Reads a published model's metadata.json by id (None when there is no complete model).
+Published = Callable[[str], dict[str, Any] | None]
+
+
+def _reaped_fields(status: str, pending_model_id: str, meta: dict[str, Any] | None,
+                   lost_seconds: float) -> tuple[dict[str, Any], Reaped]:
+    """A lost job's end: `succeeded` from its model's metadata when the model was published (the worker died
+    between publishing and recording success), `cancelled` when it was being cancelled, else `failed`."""
+    if meta is not None and status == "running":
+        history = meta.get("history") or []
+        fields = {"status": "succeeded", "finished_at": meta.get("created_at") or utc_now(),
+                  "metrics": meta.get("metrics"), "model_id": pending_model_id, "history": history, "error": None,
+                  "progress": Progress(stage="done", epoch=len(history), epochs=len(history), fraction=1.0)}
+        return fields, Reaped("succeeded")
+    if status == "cancelling":
+        return ({"status": "cancelled", "finished_at": utc_now()},
+                Reaped("cancelled", pending_model_id if meta is not None else None))
+    return failure("WorkerLost", WORKER_LOST_MESSAGE.format(seconds=lost_seconds)), Reaped("failed")
 
 
 def _allowed(from_statuses: Iterable[str] | None) -> str:
@@ -238,8 +304,15 @@ def failure(error_type: str, message: str) -> dict[str, Any]:
     return {"status": "failed", "finished_at": utc_now(), "error": JobError(type=error_type, message=message)}
 
 
-def _lost_fields(lost_seconds: float) -> dict[str, str]:
-    return encode_fields(failure("WorkerLost", WORKER_LOST_MESSAGE.format(seconds=lost_seconds)))
+def _active(members: list[str], client: redis.Redis) -> list[str]:
+    pipe = client.pipeline()
+    for member in members:
+        pipe.hget(job_key(member.split(":", 1)[1]), "status")
+    statuses = pipe.execute()
+    stale = [m for m, status in zip(members, statuses, strict=True) if status not in ACTIVE]
+    if stale:  # expired or removed records, or ended by an older version without the index
+        client.zrem(ACTIVE_KEY, *stale)
+    return [m.split(":", 1)[1] for m, status in zip(members, statuses, strict=True) if status in ACTIVE]
 
 
 class JobStore:
@@ -250,6 +323,7 @@ class JobStore:
         self.ttl_seconds = ttl_seconds
         self._transition = client.register_script(_TRANSITION_LUA)
         self._reap = client.register_script(_REAP_LUA)
+        self._heartbeat = client.register_script(_HEARTBEAT_LUA)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int = 30 * 24 * 3600) -> JobStore:
@@ -262,6 +336,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.zadd(INDEX_KEY, {index_member(fields): 0})
+        pipe.zadd(ACTIVE_KEY, {index_member(fields): 0})
         pipe.execute()
         return decode_job(fields)
 
@@ -275,34 +350,38 @@ class JobStore:
     def update(self, job_id: str, fields: dict[str, Any],
                from_statuses: Iterable[str] | None = None) -> str | None:
         """Set fields if the job's status is one of `from_statuses` (any when None); returns the old status."""
-        result = self._transition(keys=[job_key(job_id), events_channel(job_id)],
+        result = self._transition(keys=[job_key(job_id), events_channel(job_id), ACTIVE_KEY],
                                   args=[_allowed(from_statuses), json.dumps(encode_fields(fields))])
         if result and fields.get("status") in TERMINAL:
             self.redis.expire(job_key(job_id), self.ttl_seconds)
             self.redis.delete(cancel_key(job_id))
         return result or None
 
-    def heartbeat(self, job_id: str, worker: str) -> None:
-        self.redis.hset(job_key(job_id), mapping={"heartbeat_at": f"{time.time():.3f}", "worker": worker})
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Stamp the job's heartbeat with Redis' clock; False when the record is gone."""
+        return bool(self._heartbeat(keys=[job_key(job_id)], args=[worker]))
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(cancel_key(job_id)))
 
-    def reap(self, job_id: str, lost_seconds: float) -> bool:
-        """Fail the job if it is running with a heartbeat older than `lost_seconds`."""
-        result = self._reap(keys=[job_key(job_id), events_channel(job_id)],
-                            args=[f"{time.time() - lost_seconds:.3f}",
-                                  json.dumps(_lost_fields(lost_seconds))])
-        if result:
-            self.redis.expire(job_key(job_id), self.ttl_seconds)
-        return bool(result)
+    def reap(self, job_id: str, lost_seconds: float, published: Published | None = None) -> Reaped | None:
+        """End the job if it is running with a heartbeat older than `lost_seconds` (see `_reaped_fields`)."""
+        keys = [job_key(job_id), events_channel(job_id), ACTIVE_KEY]
+        found = self._reap(keys=keys, args=[str(lost_seconds), ""])
+        if not found:
+            return None
+        status, pending = found
+        meta = published(pending) if published is not None and pending else None
+        fields, reaped = _reaped_fields(status, pending, meta, lost_seconds)
+        if not self._reap(keys=keys, args=[str(lost_seconds), json.dumps(encode_fields(fields))]):
+            return None
+        self.redis.expire(job_key(job_id), self.ttl_seconds)
+        self.redis.delete(cancel_key(job_id))
+        return reaped
 
-    def active_ids(self, limit: int = 1000) -> list[str]:
-        ids = [m.split(":", 1)[1] for m in self.redis.zrevrange(INDEX_KEY, 0, limit - 1)]
-        statuses = self.redis.pipeline()
-        for job_id in ids:
-            statuses.hget(job_key(job_id), "status")
-        return [job_id for job_id, status in zip(ids, statuses.execute(), strict=True) if status in ACTIVE]
+    def active_ids(self) -> list[str]:
+        """Every queued, running or cancelling job, newest first (the active index; records gone are dropped)."""
+        return _active(self.redis.zrevrange(ACTIVE_KEY, 0, -1), self.redis)
 
 
 class AsyncJobStore:
@@ -313,6 +392,7 @@ class AsyncJobStore:
         self.ttl_seconds = ttl_seconds
         self._transition = client.register_script(_TRANSITION_LUA)
         self._reap = client.register_script(_REAP_LUA)
+        self._heartbeat = client.register_script(_HEARTBEAT_LUA)
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Create a queued job; with an Idempotency-Key already used, return that job and False."""
@@ -331,6 +411,7 @@ class AsyncJobStore:
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=fields)
         pipe.zadd(INDEX_KEY, {index_member(fields): 0})
+        pipe.zadd(ACTIVE_KEY, {index_member(fields): 0})
         await pipe.execute()
         return decode_job(fields), True
 
@@ -340,7 +421,7 @@ class AsyncJobStore:
 
     async def update(self, job_id: str, fields: dict[str, Any],
                      from_statuses: Iterable[str] | None = None) -> str | None:
-        result = await self._transition(keys=[job_key(job_id), events_channel(job_id)],
+        result = await self._transition(keys=[job_key(job_id), events_channel(job_id), ACTIVE_KEY],
                                         args=[_allowed(from_statuses), json.dumps(encode_fields(fields))])
         if result and fields.get("status") in TERMINAL:
             await self.redis.expire(job_key(job_id), self.ttl_seconds)
@@ -364,13 +445,20 @@ class AsyncJobStore:
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(cancel_key(job_id), "1", ex=7 * 24 * 3600)
 
-    async def reap(self, job_id: str, lost_seconds: float) -> bool:
-        result = await self._reap(keys=[job_key(job_id), events_channel(job_id)],
-                                  args=[f"{time.time() - lost_seconds:.3f}",
-                                        json.dumps(_lost_fields(lost_seconds))])
-        if result:
-            await self.redis.expire(job_key(job_id), self.ttl_seconds)
-        return bool(result)
+    async def reap(self, job_id: str, lost_seconds: float, published: Published | None = None) -> Reaped | None:
+        """End the job if it is running with a heartbeat older than `lost_seconds` (see `_reaped_fields`)."""
+        keys = [job_key(job_id), events_channel(job_id), ACTIVE_KEY]
+        found = await self._reap(keys=keys, args=[str(lost_seconds), ""])
+        if not found:
+            return None
+        status, pending = found
+        meta = published(pending) if published is not None and pending else None
+        fields, reaped = _reaped_fields(status, pending, meta, lost_seconds)
+        if not await self._reap(keys=keys, args=[str(lost_seconds), json.dumps(encode_fields(fields))]):
+            return None
+        await self.redis.expire(job_key(job_id), self.ttl_seconds)
+        await self.redis.delete(cancel_key(job_id))
+        return reaped
 
     async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
                    cursor: str | None = None) -> tuple[builtins.list[Job], str | None]:
@@ -400,13 +488,43 @@ class AsyncJobStore:
                 return items, None
         return items, None
 
-    async def active_ids(self, limit: int = 1000) -> builtins.list[str]:
-        ids = [m.split(":", 1)[1] for m in await self.redis.zrevrange(INDEX_KEY, 0, limit - 1)]
+    async def active_ids(self) -> builtins.list[str]:
+        """Every queued, running or cancelling job, newest first (the active index)."""
+        members = await self.redis.zrevrange(ACTIVE_KEY, 0, -1)
         pipe = self.redis.pipeline()
-        for job_id in ids:
-            pipe.hget(job_key(job_id), "status")
+        for member in members:
+            pipe.hget(job_key(member.split(":", 1)[1]), "status")
         statuses = await pipe.execute()
-        return [job_id for job_id, status in zip(ids, statuses, strict=True) if status in ACTIVE]
+        stale = [m for m, status in zip(members, statuses, strict=True) if status not in ACTIVE]
+        if stale:  # expired or removed records, or ended by an older version without the index
+            await self.redis.zrem(ACTIVE_KEY, *stale)
+        return [m.split(":", 1)[1] for m, status in zip(members, statuses, strict=True) if status in ACTIVE]
+
+    async def queued_longer_than(self, seconds: float) -> builtins.list[str]:
+        """Queued jobs created (or last sent) more than `seconds` ago by Redis' clock, oldest first."""
+        members = await self.redis.zrange(ACTIVE_KEY, 0, -1)
+        pipe = self.redis.pipeline()
+        for member in members:
+            pipe.hmget(job_key(member.split(":", 1)[1]), "status", "enqueued_at")
+        rows = await pipe.execute()
+        now = await self.server_time()
+        stale = []
+        for member, (status, enqueued_at) in zip(members, rows, strict=True):
+            if status != "queued":
+                continue
+            created = int(member.split(":", 1)[0]) / 1e9
+            try:
+                since = max(created, float(enqueued_at or 0))
+            except ValueError:
+                since = created
+            if now - since > seconds:
+                stale.append(member.split(":", 1)[1])
+        return stale
+
+    async def server_time(self) -> float:
+        """Redis' clock, in unix seconds."""
+        seconds, micros = await self.redis.time()
+        return float(seconds) + micros / 1e6
 
     async def active_job_ids(self, dataset: str) -> builtins.list[str]:
         """Ids of the queued or running jobs that train on `dataset`."""

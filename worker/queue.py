@@ -6,7 +6,8 @@ its pool child (TensorFlow's threads do not survive a fork). The child imports i
 (`worker.tasks`, on `worker_process_init`).
 
 Choices for long jobs:
-- prefetch multiplier 1 and concurrency 1 per worker: one job at a time per worker (per GPU);
+- concurrency 1 per worker and no prefetch (`worker_disable_prefetch`): one job at a time per worker (per GPU),
+  and no job waits reserved by a busy worker while another is idle;
 - `worker_max_tasks_per_child=1`: the child process is replaced after every job, so host and GPU memory
   come back;
 - early ack + a heartbeat in the job record + a reaper: a job whose worker dies is failed within
@@ -45,6 +46,9 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_max_seconds,
         result_expires=7 * 24 * 3600,
         worker_prefetch_multiplier=1,
+        # Take a message only with a process free to run it: a busy worker holds no second job that another,
+        # idle worker could run now (with early acks, prefetch 1 would still reserve one more).
+        worker_disable_prefetch=True,
         worker_concurrency=1,
         worker_max_tasks_per_child=1,
         # A new pool child imports TensorFlow before it reports ready (`worker.tasks.warm_start`): that takes

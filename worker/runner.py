@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from worker.config import Settings, get_settings
 from worker.errors import JobCancelled, TrainingError
 from worker.jobstore import (
+    NOW,
     EpochRecord,
     Job,
     JobStore,
@@ -241,15 +242,28 @@ def _record_success(store: JobStore, settings: Settings, job: Job, reporter: Job
     if _finish(store, job.id, fields, RUNNING) is not None:
         log.info("job %s: succeeded, model %s, test accuracy %.4f", job.id, result.model_id, metrics.test_accuracy)
         return "succeeded"
-    # Not running any more: a cancel arrived after the engine's last check, or the job was reaped.
-    raw = store.get_raw(job.id)
+    # Not running any more: a cancel arrived after the engine's last check, the job was reaped (its heartbeat
+    # did not reach Redis for a while) or reconciled, or Redis is unreachable. The model is complete and
+    # published: only a cancel throws it away; otherwise the job succeeded, whatever the record says now.
+    try:
+        raw = store.get_raw(job.id)
+    except Exception:
+        log.warning("job %s: the outcome could not be recorded; the reaper will record `succeeded` from model %s",
+                    job.id, result.model_id, exc_info=True)
+        return "unrecorded"
     status = raw.get("status")
-    if status == "cancelling":
+    if status == "succeeded" and raw.get("model_id") == result.model_id:
+        return "succeeded"  # recorded by a reaper from the published model
+    if status in ("cancelling", "cancelled"):
         _discard_model(settings, job.id, result.model_id, "the job was cancelled while it was being saved")
         _finish(store, job.id, {"status": "cancelled", "finished_at": utc_now(), "progress": progress},
                 ("cancelling",))
         return "cancelled"
-    _discard_model(settings, job.id, result.model_id, f"the job is already {status or 'gone'}")
+    if status == "failed" and _finish(store, job.id, fields, ("failed",)) is not None:
+        log.warning("job %s: had been reaped while it finished; recorded succeeded with model %s", job.id,
+                    result.model_id)
+        return "succeeded"
+    log.warning("job %s: record is %s; model %s is kept", job.id, status or "gone", result.model_id)
     return status or "missing"
 
 
@@ -270,8 +284,9 @@ def run_job(job_id: str, worker_name: str, settings: Settings | None = None) -> 
         return "skipped"
 
     progress = Progress(stage="loading_data", epoch=0, epochs=job.progress.epochs, fraction=0.0)
+    model_id = new_model_id()  # recorded at the claim, so a model published by a worker that then died is found
     started = _finish(store, job_id, {
-        "status": "running", "started_at": utc_now(), "heartbeat_at": f"{time.time():.3f}",
+        "status": "running", "started_at": utc_now(), "heartbeat_at": NOW, "pending_model_id": model_id,
         "worker": worker_name, "progress": progress, "attempts": int(raw.get("attempts") or 0) + 1,
     }, ("queued",))
     if started is None:
@@ -289,7 +304,7 @@ def run_job(job_id: str, worker_name: str, settings: Settings | None = None) -> 
                 raise TrainingError(f"the stored job spec is not valid: {exc}") from exc
             from worker.engine.pipeline import train_job  # TensorFlow lives in the pool child only
 
-            result = train_job(spec, settings, reporter, job_id=job_id, model_id=new_model_id())
+            result = train_job(spec, settings, reporter, job_id=job_id, model_id=model_id)
             outcome = _record_success(store, settings, job, reporter, result)
     except JobCancelled:
         log.info("job %s: cancelled", job_id)

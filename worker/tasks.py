@@ -8,20 +8,25 @@ TensorFlow is imported only inside the pool child, never in the parent, which fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Task
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from celery.worker.request import Request
 
 from worker.config import get_settings
 from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
+from worker.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +91,40 @@ def warm_start(**_: Any) -> None:
 
 @worker_ready.connect
 def sweep_lost_jobs(**_: Any) -> None:
-    """On worker start: fail running jobs whose worker stopped sending heartbeats (a crash before this start)."""
+    """On worker start: end running jobs whose worker stopped sending heartbeats (a crash before this start);
+    a job whose model had been published is recorded `succeeded`, a model of a cancelled job removed."""
     settings = get_settings()
+    models = ModelStore(settings.artifact_dir)
     try:
         store = job_store(settings)
-        reaped = [job_id for job_id in store.active_ids() if store.reap(job_id, settings.job_lost_seconds)]
+        ended = {job_id: outcome for job_id in store.active_ids()
+                 if (outcome := store.reap(job_id, settings.job_lost_seconds, models.metadata)) is not None}
     except Exception:
         log.exception("start-up sweep of lost jobs failed")
         return
-    if reaped:
-        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), ", ".join(reaped))
+    for job_id, outcome in ended.items():
+        log.warning("job %s: its worker was lost; marked %s", job_id, outcome.status)
+        if outcome.discard_model:
+            models.delete(outcome.discard_model)
+
+
+@worker_shutting_down.connect
+def stop_running_job(sig: str | None = None, how: str | None = None, **_: Any) -> None:
+    """In the parent, on a warm shutdown (SIGTERM to the parent alone, as `docker stop` sends): pass SIGTERM on
+    to the pool children, so a running job stops at its next cancel check and ends `failed` (WorkerStopped)
+    instead of running on until the container is killed."""
+    if how == "Cold":
+        return
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _children(parent: int) -> list[int]:
+    """Pids of `parent`'s direct children (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
