@@ -10,12 +10,19 @@
    cut off at the limit, and whatever the
    route was about to answer is replaced by the same 413. So no request ever holds more than the limit
    in memory.
+   Closing a connection with unread request data makes the kernel answer with a reset, which most clients
+   (urllib, requests, SDKs: they write the whole body before reading) report instead of the answer. So
+   every answer the guard gives to a request whose body is still coming has `Connection: close` and is
+   followed by a lingering close, as nginx does: the rest of the body is read and dropped (at most
+   `max(2 x limit, 64 MiB)`, for at most 10 s, 2 s idle) before the answer ends and the connection closes.
+   A request that sent `Expect: 100-continue` has not sent its body: nothing is read.
 3. Query strings: an empty parameter (`?status=&limit=50`) counts as absent, so API.md's templates work as
    written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +31,11 @@ from service.errors import problem_bytes
 
 PROTECTED_PREFIX = "/v1"
 DATASET_UPLOAD_PATH = "/v1/datasets"
+#: Lingering close of a refused body: drop at least this much more of it (twice the limit when that is more) ...
+LINGER_MIN_BYTES = 64 * 1024 * 1024
+#: ... for at most this long in all, and this long without a byte.
+LINGER_SECONDS = 10.0
+LINGER_IDLE_SECONDS = 2.0
 
 
 class BodyTooLarge(Exception):
@@ -31,6 +43,9 @@ class BodyTooLarge(Exception):
 
 
 def is_protected(path: str) -> bool:
+    """`/v1` and the Open Inference Protocol's `/v2` (its `/v2/health/*` probes stay open, like `/readyz`)."""
+    if path == "/v2" or (path.startswith("/v2/") and not path.startswith("/v2/health/")):
+        return True
     return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
 
 
@@ -59,11 +74,13 @@ class RequestGuard:
     """Bearer-key check on /v1 paths and the request body limit, in that order."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
-                 max_dataset_bytes: int | None = None) -> None:
+                 max_dataset_bytes: int | None = None, linger_min_bytes: int = LINGER_MIN_BYTES,
+                 linger_seconds: float = LINGER_SECONDS, linger_idle_seconds: float = LINGER_IDLE_SECONDS) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._limit = max_body_bytes
         self._dataset_limit = max_dataset_bytes if max_dataset_bytes is not None else max_body_bytes
+        self._linger = (linger_min_bytes, linger_seconds, linger_idle_seconds)
 
     def _limit_for(self, scope: Scope) -> tuple[int, str]:
         """The body limit of this request and the variable that sets it."""
@@ -81,16 +98,16 @@ class RequestGuard:
                 detail = ("missing bearer token: send 'Authorization: Bearer <TL_API_KEY>'" if token is None
                           else "invalid bearer token")
                 challenge = 'Bearer realm="tl"' + ('' if token is None else ', error="invalid_token"')
-                await _answer(send, 401, detail, [(b"www-authenticate", challenge.encode())])
+                await self._refuse(scope, receive, send, 401, detail, [(b"www-authenticate", challenge.encode())])
                 return
         length = _content_length(scope)
         if length == -1:
-            await _answer(send, 400, "invalid Content-Length header")
+            await _answer(send, 400, "invalid Content-Length header", close=True)
             return
         limit, variable = self._limit_for(scope)
         detail = f"request body too large: at most {limit} bytes ({variable})"
         if length is not None and length > limit:
-            await _answer(send, 413, detail, close=True)
+            await self._refuse(scope, receive, send, 413, detail)
             return
         query = scope.get("query_string", b"")
         if query:
@@ -101,12 +118,14 @@ class RequestGuard:
         received = 0
         exceeded = False
         started = False
+        more_body = True
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, more_body
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more_body = bool(message.get("more_body", False))
                 if received > limit:
                     exceeded = True
                     raise BodyTooLarge()
@@ -126,7 +145,24 @@ class RequestGuard:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await _answer(send, 413, detail, close=True)
+            await self._refuse(scope, receive, send, 413, detail, body_left=more_body)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, detail: str,
+                      extra: list[tuple[bytes, bytes]] | None = None, *, body_left: bool | None = None) -> None:
+        """Answer before (the rest of) the body was read; with a body still coming, a lingering close."""
+        if body_left is None:
+            body_left = _body_expected(scope)
+        if not body_left:
+            await _answer(send, status, detail, extra)
+            return
+        if _expects_continue(scope):  # the client waits for "100 Continue" before sending: nothing to drain
+            await _answer(send, status, detail, extra, close=True)
+            return
+        limit, _ = self._limit_for(scope)
+        floor, seconds, idle = self._linger
+        await _answer(send, status, detail, extra, close=True, more_body=True)
+        await _discard(receive, max(floor, 2 * limit), seconds, idle)
+        await send({"type": "http.response.body", "body": b""})
 
 
 def drop_empty_query_values(query: bytes) -> bytes:
@@ -134,6 +170,44 @@ def drop_empty_query_values(query: bytes) -> bytes:
     (shared/API.md writes its query templates that way, and clients copy them)."""
     kept = [part for part in query.split(b"&") if part.partition(b"=")[2]]
     return b"&".join(kept)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _body_expected(scope: Scope) -> bool:
+    """Whether the request announced a body (a positive Content-Length, or Transfer-Encoding)."""
+    length = _content_length(scope)
+    return (length is not None and length > 0) or _header(scope, b"transfer-encoding") is not None
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return (_header(scope, b"expect") or b"").strip().lower() == b"100-continue"
+
+
+async def _discard(receive: Receive, max_bytes: int, seconds: float, idle: float) -> None:
+    """Read and drop the rest of a request body: until its end, `max_bytes`, `seconds`, or `idle` seconds
+    without a message, whichever comes first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    dropped = 0
+    while dropped <= max_bytes:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), min(idle, remaining))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":  # http.disconnect
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -149,10 +223,12 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _answer(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None,
-                  *, close: bool = False) -> None:
+                  *, close: bool = False, more_body: bool = False) -> None:
+    """A problem+json answer; with `more_body`, its bytes are sent but the response is left open (ended by an
+    empty body message), so the server keeps delivering the request body meanwhile."""
     body = problem_bytes(status, detail)
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
     if close:  # the rest of the body was never read; the connection cannot be reused
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body, "more_body": more_body})

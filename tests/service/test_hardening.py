@@ -4,18 +4,21 @@ API runs as a real uvicorn child process (`live_api`), talked to over sockets as
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from service.launcher import Child, free_port, uvicorn_argv
+from service.middleware import RequestGuard
 
 API_KEY = "hardening-key"
 
@@ -90,3 +93,63 @@ def test_the_key_is_required_under_a_root_path(live_api: Callable[..., LiveAPI])
     keyed = httpx.get(f"{api.base_url}/v1/jobs", headers={"Authorization": f"Bearer {API_KEY}"})
     assert keyed.status_code == 200, keyed.text
     assert httpx.get(f"{api.base_url}/healthz").status_code == 200
+
+
+# ----- 13. oversized bodies: a 413 the client reads, not a reset -----
+
+BIG_BODY = b" " * (20 * 1024 * 1024)  # twice TL_MAX_UPLOAD_BYTES' default
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/predict"])
+def test_an_oversized_body_sent_whole_gets_the_413(live_api: Callable[..., LiveAPI], path: str) -> None:
+    api = live_api()
+    request = urllib.request.Request(f"{api.base_url}{path}", data=BIG_BODY, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    status, body = urlopen_status(request)  # a reset would raise URLError / ConnectionResetError here
+    assert status == 413
+    assert b"TL_MAX_UPLOAD_BYTES" in body
+    assert httpx.get(f"{api.base_url}/healthz").status_code == 200
+
+
+def test_an_oversized_chunked_body_gets_the_413(live_api: Callable[..., LiveAPI]) -> None:
+    api = live_api()
+    chunks = (BIG_BODY[i:i + 65536] for i in range(0, len(BIG_BODY), 65536))
+    request = urllib.request.Request(f"{api.base_url}/v1/jobs", data=chunks, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    status, body = urlopen_status(request)  # no Content-Length: urllib sends it chunked
+    assert status == 413
+    assert b"TL_MAX_UPLOAD_BYTES" in body
+
+
+class EndlessBody:
+    """An ASGI client side that sends `chunk` forever (or goes silent after `chunks`), recording the answer."""
+
+    def __init__(self, chunk: bytes, chunks: int | None = None) -> None:
+        self.chunk, self.left, self.read = chunk, chunks, 0
+        self.messages: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        if self.left is not None and self.read >= self.left:
+            await asyncio.sleep(3600)  # silent, never disconnects
+        self.read += 1
+        return {"type": "http.request", "body": self.chunk, "more_body": True}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+
+async def _never_called(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the guard let an oversized request through")
+
+
+@pytest.mark.parametrize("silent_after", [None, 3])
+def test_the_lingering_close_is_bounded(silent_after: int | None) -> None:
+    guard = RequestGuard(_never_called, api_key=None, max_body_bytes=1024, linger_min_bytes=64 * 1024,
+                         linger_seconds=5.0, linger_idle_seconds=0.2)
+    client = EndlessBody(b"x" * 1024, silent_after)
+    scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(10**9).encode())]}
+    asyncio.run(asyncio.wait_for(guard(scope, client.receive, client.send), 10))
+    assert client.messages[0]["status"] == 413
+    assert client.messages[-1] == {"type": "http.response.body", "body": b""}  # the answer was ended
+    assert client.read == (65 if silent_after is None else 3)  # stopped at 64 KiB dropped, or when idle
