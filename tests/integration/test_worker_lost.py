@@ -39,13 +39,19 @@ def test_killed_pool_process_fails_its_job_at_once(stack: Stack, client: httpx.C
     train(client, {**BASELINE_SMALL, "seed": 42})
 
 
-def test_stopped_worker_fails_its_running_job_and_exits(stack: Stack, client: httpx.Client, realdata: None) -> None:
-    # What Ctrl-C on `make run`, `docker compose stop` or a deploy does: SIGTERM to the worker's processes.
+@pytest.mark.parametrize("target", ["process group", "parent alone"])
+def test_stopped_worker_fails_its_running_job_and_exits(stack: Stack, client: httpx.Client, realdata: None,
+                                                        target: str) -> None:
+    # Ctrl-C on `make run` signals the worker's whole process group; `docker stop` signals only the Celery
+    # parent, which must pass it on to the pool process running the job.
     job = submit(client, {"model": "baseline", "train_samples": 5000, "test_samples": 500, "epochs": 30,
                           "seed": 45})
     wait_job(client, job["id"], timeout=120, until=lambda j: j["progress"]["stage"] == "training")
 
-    stack.worker.signal_group(signal.SIGTERM)
+    if target == "process group":
+        stack.worker.signal_group(signal.SIGTERM)
+    else:
+        os.kill(stack.worker.pid, signal.SIGTERM)
     stopped = wait_job(client, job["id"], timeout=15)
     exit_status = stack.worker.process.wait(timeout=30) if stack.worker.process else None
 
