@@ -78,6 +78,10 @@ class ModelRegistry:
     async def list(self) -> list[ModelInfo]:
         return await self._call(self.store.list)
 
+    async def check(self) -> None:
+        """Raise `ArtifactStoreUnavailable` (503) unless the artifact store can be read (models can be served)."""
+        await self._call(self.store.list_ids)
+
     async def delete(self, model_id: str) -> None:
         """Delete a model and the aliases pointing at it; 404 if there is none."""
         if not valid_id(model_id) or not await self._call(self.store.delete, model_id):

@@ -140,3 +140,144 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+# ----- the standard inference protocols (service/routes/oip.py, service/routes/tfserving.py) -----
+
+class ProtocolError(BaseModel):
+    """An error of the standard protocol routes: the protocols' own `{"error": ...}`, not problem+json."""
+
+    error: str = Field(examples=["unexpected input 'x': the model takes 'image' or 'image_bytes'"])
+
+
+class ServerLive(BaseModel):
+    live: bool = True
+
+
+class ServerReady(BaseModel):
+    ready: bool = True
+
+
+class ServerMetadata(BaseModel):
+    """`GET /v2`: the server and the protocol extensions it supports."""
+
+    name: str = Field(examples=["tl-service"])
+    version: str = Field(examples=["1.0.0"])
+    extensions: list[str] = Field(examples=[["classification", "binary_tensor_data"]])
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(examples=["UINT8"])
+    shape: list[int] = Field(description="-1: any size (the batch)", examples=[[-1, 32, 32, 3]])
+
+
+class ModelMetadata(BaseModel):
+    """A model as the Open Inference Protocol describes it; its one version is its model id."""
+
+    name: str
+    versions: list[str]
+    platform: str = Field(examples=["tensorflow_lite"])
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class InferInputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data_size: int | None = Field(None, ge=0, description="bytes of this input after the JSON header")
+
+
+class InferInputTensor(BaseModel):
+    """`image` (UINT8 [N, H, W, 3], any H x W) or `image_bytes` (BYTES [N]: base64 image files in JSON, raw files
+    in binary form)."""
+
+    name: str = Field(examples=["image"])
+    datatype: str = Field(examples=["UINT8"])
+    shape: list[int] = Field(examples=[[1, 32, 32, 3]])
+    parameters: InferInputParameters | None = None
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; absent with binary_data_size")
+
+
+class InferOutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data: bool | None = Field(None, description="answer this output as binary tensor data")
+    classification: int | None = Field(None, ge=1, description="`probabilities` only: the top k as "
+                                                               "\"<score>:<index>:<label>\" strings")
+
+
+class InferRequestedOutput(BaseModel):
+    name: str = Field(examples=["probabilities"])
+    parameters: InferOutputParameters | None = None
+
+
+class InferRequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data_output: bool | None = Field(None, description="outputs are binary unless they say otherwise")
+
+
+class InferRequestBody(BaseModel):
+    """An Open Inference Protocol `infer` request (the JSON header, when binary tensors follow it)."""
+
+    id: str | None = None
+    parameters: InferRequestParameters | None = None
+    inputs: list[InferInputTensor] = Field(min_length=1, max_length=1)
+    outputs: list[InferRequestedOutput] | None = Field(None, description="absent: `probabilities` and `label`")
+
+
+class InferOutputTensor(BaseModel):
+    name: str = Field(examples=["probabilities"])
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(examples=[[1, 10]])
+    parameters: dict[str, int] | None = Field(None, description="`binary_data_size` of a binary output")
+    data: list[float | str] | None = Field(None, description="flat, row-major; absent for a binary output")
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutputTensor]
+
+
+class TFServingPredictRequest(BaseModel):
+    """TF Serving predict: `instances` (row format) or `inputs` (columnar: a list, or `{"image": [...]}`), each
+    image an H x W x 3 nested list of 0..255 at the model's input size or `{"b64": "<image file>"}`."""
+
+    signature_name: str | None = Field(None, examples=["serving_default"])
+    instances: list[Any] | None = None
+    inputs: list[Any] | dict[str, list[Any]] | None = None
+
+
+class TFServingPredictResponse(BaseModel):
+    """One row of class probabilities per image: `predictions` for the row format, `outputs` for columnar."""
+
+    predictions: list[list[float]] | None = None
+    outputs: list[list[float]] | None = None
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` written in place, for an `openapi_extra` request body (whose
+    references FastAPI would not add to the components)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
