@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(False, description="mixed_float16 training on a GPU")
     deterministic: bool = Field(True, description="Keras deterministic ops (reproducible runs)")
     log_level: str = Field("INFO", description="logging level of every process")
+    data_cache_max_bytes: int = Field(1024**3, ge=0,
+                                      description="disk bound of the data cache (decoded CIFAR-10); 0 keeps none")
 
     @field_validator("redis_url")
     @classmethod

@@ -9,20 +9,25 @@ Sources, in order (the first that exists wins):
 Decoding a local source (npz decompression, the archive, the pickled batches) would be paid by every job, each
 in a fresh process. So the decoded arrays of sources 1-3 are kept as plain .npy
 files under `TL_ARTIFACT_DIR/data-cache/`, named after the source's sha256, and later jobs map them
-(`mmap_mode="r"`) and read only their subset. `TL_DATA_CACHE=false` turns that off.
+(`mmap_mode="r"`) and read only their subset. `TL_DATA_CACHE=false` turns that off. The cache is bounded by
+`TL_DATA_CACHE_MAX_BYTES` (temporary files being written included): the least recently used pairs (by mtime,
+refreshed on every hit) are evicted first, and a temporary file left by a killed writer is removed.
 
 No TensorFlow here, except inside the Keras download of source 4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import pickle
 import socket
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ from worker.config import Settings
 from worker.errors import DataNotFound, InvalidSpec
 from worker.imaging import INPUT_SHAPE
 from worker.store import write_atomic
+from worker.store.local import SWEEP_MAX_AGE_SECONDS, is_temp_file, last_activity
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +141,45 @@ def draw_subsets(dataset: Dataset, train_samples: int, test_samples: int, seed: 
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
-def _decoded(cache_dir: Path | None, identity: str, decode: Callable[[], Arrays]) -> Arrays:
-    """(x, y) of the source split with this identity: mapped from `cache_dir` when stored, else decoded (and
-    stored when there is a cache). A damaged entry is decoded again; a failed store only costs the next job time."""
-    if cache_dir is None:
+X_SUFFIX, Y_SUFFIX = ".x.npy", ".y.npy"
+
+
+@dataclass(frozen=True)
+class DataCache:
+    """Where decoded splits are kept, and the bound of everything in that directory."""
+
+    directory: Path
+    max_bytes: int
+
+
+def _decoded(cache: DataCache | None, identity: str, decode: Callable[[], Arrays]) -> Arrays:
+    """(x, y) of the source split with this identity: mapped from the cache when stored, else decoded (and
+    stored when the pair fits in the cache's bound, evicting the least recently used pairs first). A damaged
+    entry is decoded again; a failed store only costs the next job time."""
+    if cache is None or cache.max_bytes <= 0:
         return decode()
+    cache_dir, max_bytes = cache.directory, cache.max_bytes
     stem = hashlib.sha256(identity.encode()).hexdigest()[:32]
-    x_path, y_path = cache_dir / f"{stem}.x.npy", cache_dir / f"{stem}.y.npy"
+    x_path, y_path = cache_dir / f"{stem}{X_SUFFIX}", cache_dir / f"{stem}{Y_SUFFIX}"
     if x_path.is_file() and y_path.is_file():
         try:
             x, y = np.load(x_path, mmap_mode="r", allow_pickle=False), np.load(y_path, allow_pickle=False)
             _check_arrays(x_path, x, y)
+            for path in (x_path, y_path):  # recently used: eviction goes by mtime
+                with contextlib.suppress(OSError):
+                    os.utime(path)
             return x, y
         except (OSError, ValueError, DataNotFound) as exc:
             log.warning("decoding CIFAR-10 again: cached copy %s unusable (%s)", x_path, exc)
     x, y = decode()
+    needed = int(x.nbytes) + int(y.nbytes) + 256  # + the two .npy headers
+    if needed > max_bytes:
+        log.info("not keeping decoded CIFAR-10 under %s: %d bytes exceed TL_DATA_CACHE_MAX_BYTES=%d",
+                 cache_dir, needed, max_bytes)
+        return x, y
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        evict_data_cache(cache_dir, max_bytes - needed, keep={stem})  # room first: the bound holds while writing
         for path, array in ((y_path, y), (x_path, x)):  # x last: a reader needs both, so x means y is there
             write_atomic(path, functools.partial(_save_array, array=array))
     except OSError as exc:
@@ -159,11 +187,71 @@ def _decoded(cache_dir: Path | None, identity: str, decode: Callable[[], Arrays]
     return x, y
 
 
+def _data_cache_scan(cache_dir: Path) -> tuple[dict[str, list[tuple[float, int, Path]]], list[tuple[float, int, Path]]]:
+    """The cache's pairs by stem ((mtime, size, path) of each of its files) and its temporary files."""
+    pairs: dict[str, list[tuple[float, int, Path]]] = {}
+    temps: list[tuple[float, int, Path]] = []
+    try:
+        scanned = list(os.scandir(cache_dir))
+    except FileNotFoundError:
+        return {}, []
+    for entry in scanned:
+        name = entry.name
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:
+            continue
+        item = (stat.st_mtime, stat.st_size, Path(entry.path))
+        if is_temp_file(name):
+            temps.append(item)
+        elif not name.startswith(".") and name.endswith((X_SUFFIX, Y_SUFFIX)):
+            pairs.setdefault(name[:-len(X_SUFFIX)], []).append(item)
+    return pairs, temps
+
+
+def evict_data_cache(cache_dir: Path, max_bytes: int, keep: frozenset[str] | set[str] = frozenset(),
+                     max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> list[Path]:
+    """Remove temporary files untouched for `max_age_seconds` (a killed writer), a lone half of a pair as
+    old, then the least recently used pairs (never a stem in `keep`) until everything fits in `max_bytes`."""
+    now = time.time()
+    removed: list[Path] = []
+    pairs, temps = _data_cache_scan(cache_dir)
+    for mtime, _, path in temps:
+        if now - mtime >= max_age_seconds:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for stem, files in list(pairs.items()):
+        if len(files) == 1 and stem not in keep and now - last_activity(files[0][2]) >= max_age_seconds:
+            files[0][2].unlink(missing_ok=True)  # its partner was never written (or was removed by hand)
+            removed.append(files[0][2])
+            del pairs[stem]
+    total = sum(size for files in pairs.values() for _, size, _ in files)
+    total += sum(size for mtime, size, _ in temps if now - mtime < max_age_seconds)
+    for stem, files in sorted(pairs.items(), key=lambda item: max(mtime for mtime, _, _ in item[1])):
+        if total <= max_bytes:
+            break
+        if stem in keep:
+            continue
+        for _, size, path in files:
+            path.unlink(missing_ok=True)  # a job mapping it keeps reading: an unlinked file lives on while open
+            total -= size
+            removed.append(path)
+        log.info("data cache: evicted %s (%d bytes)", stem, sum(size for _, size, _ in files))
+    return removed
+
+
+def sweep_data_cache(cache_dir: Path, max_bytes: int, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> list[Path]:
+    """Start-up housekeeping of the data cache: crashed temporary files out, back within `max_bytes`."""
+    return evict_data_cache(Path(cache_dir), max_bytes, max_age_seconds=max_age_seconds)
+
+
 def _save_array(f: BinaryIO, array: np.ndarray) -> None:
     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _npz_split(name: str, path: Path, cache_dir: Path | None) -> Split:
+def _npz_split(name: str, path: Path, cache: DataCache | None) -> Split:
     def decode() -> Arrays:
         with np.load(path, allow_pickle=False) as data:
             if "x" not in data or "y" not in data:
@@ -173,7 +261,7 @@ def _npz_split(name: str, path: Path, cache_dir: Path | None) -> Split:
         return x, y.astype(np.int64).reshape(-1)
 
     identity = file_sha256(path)
-    x, y = _decoded(cache_dir, f"npz:{identity}", decode)
+    x, y = _decoded(cache, f"npz:{identity}", decode)
     return Split(name, x, y, identity)
 
 
@@ -194,7 +282,7 @@ def _unpickle_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), labels
 
 
-def _batches_dataset(folder: Path, cache_dir: Path | None) -> Dataset:
+def _batches_dataset(folder: Path, cache: DataCache | None) -> Dataset:
     splits = {}
     for name, batch_names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
         paths = [folder / batch_name for batch_name in batch_names]
@@ -207,7 +295,7 @@ def _batches_dataset(folder: Path, cache_dir: Path | None) -> Dataset:
             return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
         identity = digest.hexdigest()
-        splits[name] = Split(name, *_decoded(cache_dir, f"batches:{identity}", decode), identity)
+        splits[name] = Split(name, *_decoded(cache, f"batches:{identity}", decode), identity)
     source = {"kind": "cifar-10-batches-py", "path": str(folder),
               "train": {"path": str(folder), "sha256": splits["train"].identity},
               "test": {"path": str(folder / TEST_BATCH), "sha256": splits["test"].identity}}
@@ -233,7 +321,7 @@ def _read_archive(archive: Path) -> dict[str, Arrays]:
             "test": found[TEST_BATCH]}
 
 
-def _archive_dataset(archive: Path, cache_dir: Path | None) -> Dataset:
+def _archive_dataset(archive: Path, cache: DataCache | None) -> Dataset:
     sha = file_sha256(archive)
     read: dict[str, dict[str, Arrays]] = {}  # the archive is read at most once, for both splits
 
@@ -244,7 +332,7 @@ def _archive_dataset(archive: Path, cache_dir: Path | None) -> Dataset:
             return read["splits"][name]
 
         identity = f"{sha}:{name}"
-        return Split(name, *_decoded(cache_dir, f"archive:{identity}", decode), identity)
+        return Split(name, *_decoded(cache, f"archive:{identity}", decode), identity)
 
     train, test = split("train"), split("test")
     entry = {"path": str(archive), "sha256": sha}
@@ -276,14 +364,14 @@ def _keras_download() -> Dataset:
 def load_cifar10(settings: Settings) -> Dataset:
     """The whole CIFAR-10 dataset from the first source that exists; DataNotFound names every place looked."""
     data_dir = Path(settings.data_dir).expanduser()
-    cache_dir = settings.data_cache_dir if settings.data_cache else None
+    cache = DataCache(settings.data_cache_dir, settings.data_cache_max_bytes) if settings.data_cache else None
     looked: list[str] = []
 
     npz_dir = data_dir / NPZ_DIR
     train_npz, test_npz = npz_dir / "train.npz", npz_dir / "test.npz"
     looked.append(f"{train_npz} + {test_npz}")
     if train_npz.is_file() and test_npz.is_file():
-        train, test = _npz_split("train", train_npz, cache_dir), _npz_split("test", test_npz, cache_dir)
+        train, test = _npz_split("train", train_npz, cache), _npz_split("test", test_npz, cache)
         source = {"kind": "npz", "train": {"path": str(train_npz), "sha256": train.identity},
                   "test": {"path": str(test_npz), "sha256": test.identity}}
         return Dataset(train, test, source)
@@ -292,11 +380,11 @@ def load_cifar10(settings: Settings) -> Dataset:
         archive = folder / ARCHIVE_NAME
         looked.append(str(archive))
         if archive.is_file():
-            return _archive_dataset(archive, cache_dir)
+            return _archive_dataset(archive, cache)
     for folder in (data_dir / BATCHES_DIR, npz_dir / BATCHES_DIR, *_keras_cache_dirs()):
         looked.append(f"{folder}/")
         if (folder / TEST_BATCH).is_file():
-            return _batches_dataset(folder, cache_dir)
+            return _batches_dataset(folder, cache)
 
     hint = (f"put train.npz and test.npz (arrays x uint8 Nx32x32x3 RGB, y uint8) in {npz_dir}/, or the official "
             f"{ARCHIVE_NAME} in {data_dir}/ (TL_DATA_DIR)")

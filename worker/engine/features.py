@@ -15,6 +15,8 @@ everything that determines the features (`FeatureKey`): the data's identity, the
 size, alpha, the weights file's sha256 and the runtime that computed them. Files are written atomically
 (readers never see a partial file; two workers racing write the same bytes). The total size is bounded by
 `TL_FEATURE_CACHE_MAX_BYTES`: least recently used files (by mtime, refreshed on every hit) are evicted first.
+The bound counts the temporary files being written too; one that nothing has touched for
+`SWEEP_MAX_AGE_SECONDS` was left by a killed writer and is removed (on every store, and by `sweep`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ import numpy as np
 
 from worker.litert import run_batches
 from worker.store import write_atomic
+from worker.store.local import SWEEP_MAX_AGE_SECONDS, is_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -112,30 +116,53 @@ class FeatureCache:
         self.evict(keep=path)
         return path.exists()
 
+    def _scan(self) -> tuple[list[tuple[float, int, Path]], list[tuple[float, int, Path]]]:
+        """(mtime, size, path) of the cache files and of the temporary files being written, oldest first."""
+        files: list[tuple[float, int, Path]] = []
+        temps: list[tuple[float, int, Path]] = []
+        try:
+            scanned = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return [], []
+        for entry in scanned:
+            is_cache = entry.name.endswith(SUFFIX) and not entry.name.startswith(".")
+            if not (is_cache or is_temp_file(entry.name)) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            (files if is_cache else temps).append((stat.st_mtime, stat.st_size, Path(entry.path)))
+        files.sort()
+        temps.sort()
+        return files, temps
+
     def entries(self) -> list[tuple[float, int, Path]]:
         """(mtime, size, path) of every cache file, oldest first."""
-        out = []
-        try:
-            for entry in os.scandir(self.directory):
-                if entry.is_file() and entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
-                    try:
-                        stat = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    out.append((stat.st_mtime, stat.st_size, Path(entry.path)))
-        except FileNotFoundError:
-            return []
-        out.sort()
-        return out
+        return self._scan()[0]
 
     def total_bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries())
+        """Bytes on disk: the cache files and the temporary files beside them."""
+        files, temps = self._scan()
+        return sum(size for _, size, _ in files + temps)
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove the oldest files until the total fits in `max_bytes` (never `keep`)."""
-        entries = self.entries()
-        total = sum(size for _, size, _ in entries)
+    def sweep_temp_files(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> list[Path]:
+        """Remove temporary files untouched for `max_age_seconds` (their writer was killed)."""
+        now = time.time()
         removed = []
+        for mtime, size, path in self._scan()[1]:
+            if now - mtime >= max_age_seconds:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                log.info("feature cache: removed %s (%d bytes), left by a killed writer", path.name, size)
+        return removed
+
+    def evict(self, keep: Path | None = None, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> list[Path]:
+        """Remove crashed temporary files, then the oldest cache files until everything on disk (the
+        temporary files being written included) fits in `max_bytes` (never `keep`)."""
+        removed = self.sweep_temp_files(max_age_seconds)
+        entries, temps = self._scan()
+        total = sum(size for _, size, _ in entries + temps)
         for _, size, path in entries:
             if total <= self.max_bytes:
                 break
@@ -146,6 +173,13 @@ class FeatureCache:
             removed.append(path)
             log.info("feature cache: evicted %s (%d bytes)", path.name, size)
         return removed
+
+    def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> list[Path]:
+        """Crashed temporary files out, and the cache back within its bound (start-up housekeeping). A
+        disabled cache (`max_bytes == 0`) keeps its files: only temporary files go."""
+        if not self.enabled:
+            return self.sweep_temp_files(max_age_seconds)
+        return self.evict(max_age_seconds=max_age_seconds)
 
 
 _compiled_extractors: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

@@ -9,11 +9,14 @@ Layout under `TL_ARTIFACT_DIR`:
 
 The record is the truth for listing; a dataset is listed `ready` only when its directory is complete. A
 delete removes the record first (so the dataset is no longer listed or usable), then the directory.
+`DatasetStore.sweep` removes what a killed process left: old staging directories, trash, uploads no record
+waits for, and crashed temporary files.
 No TensorFlow here: the API reads datasets through this module.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -27,7 +30,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from worker.errors import ArtifactWriteError
-from worker.store.local import fsync_dir, valid_id, write_json_atomic
+from worker.store.local import (
+    SWEEP_MAX_AGE_SECONDS,
+    fsync_dir,
+    sweep_entries,
+    sweep_temp_files,
+    valid_id,
+    write_json_atomic,
+)
 
 DatasetStatus = Literal["processing", "ready", "failed"]
 
@@ -213,6 +223,25 @@ class DatasetStore:
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
         return True
+
+    def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
+        """Remove what killed processes left: staging directories untouched for `max_age_seconds`, every
+        trash directory, uploaded archives as old whose record is gone or no longer `processing` (a crash
+        between receiving and the record, or after processing), and `write_atomic` temporaries of records.
+        The paths removed."""
+        now = time.time()
+        removed = sweep_entries(self.root / _STAGING, max_age_seconds, now)
+        removed += sweep_entries(self.root / _TRASH, 0.0, now)
+        removed += sweep_entries(self.root / _UPLOADS, max_age_seconds, now, keep=self._upload_awaited)
+        removed += sweep_temp_files(self.root, max_age_seconds, now)
+        return removed
+
+    def _upload_awaited(self, upload: Path) -> bool:
+        """An upload whose record still says `processing`: a dataset worker will (or does) read it."""
+        if not upload.name.endswith(".bin"):
+            return False
+        record = self.get(upload.name[:-4])
+        return record is not None and record.status == "processing"
 
 
 def read_summary(data_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Layout under `TL_ARTIFACT_DIR`:
     models/{model_id}/curves.png       accuracy and loss per epoch, train vs test
     models/{model_id}/confusion.png    the test subset's confusion matrix, labelled with the class names
     models/.staging/                   models being written; renamed into `models/` when complete
+    models/.trash/                     models being deleted (renamed here first, then removed)
     aliases.json                       {"alias": "model_id"}, replaced atomically under a file lock
     feature-cache/, data-cache/,       the engine's caches (frozen-base features, decoded CIFAR-10, TFLite
     export-templates/                  templates); safe to delete
@@ -15,10 +16,15 @@ A model directory appears under its final name only once every file in it is wri
 (`os.rename` of a complete staging directory), so readers never see a partial model. This module never
 imports TensorFlow: the API reads the store through it, and the store on disk is the source of truth
 (Redis may lose everything; every model here is still listed and served).
+
+What a killed process leaves behind (a staging or trash directory, a `.{name}.{random}.tmp` of `write_atomic`)
+is removed by `sweep_artifacts` once nothing has touched it for `SWEEP_MAX_AGE_SECONDS` (the worker runs it
+at start, so does `make run`).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -27,13 +33,17 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, Field, ValidationError
 
 from worker.errors import ArtifactWriteError
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,12 @@ CONFUSION_FILE = "confusion.png"
 CIFAR10_REF: dict[str, Any] = {"id": "cifar10", "name": "CIFAR-10", "sha256": None}
 _STAGING = ".staging"
 _TRASH = ".trash"
+EXPORT_TEMPLATES_DIR = "export-templates"
+#: `write_atomic`'s temporary names: `.{name}.{8 hex digits}.tmp`.
+TEMP_FILE_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+#: Leftovers untouched this long are swept: far longer than any write takes (a staging directory's files are
+#: written one after the other, each refreshing its mtime; a live upload refreshes its file as it grows).
+SWEEP_MAX_AGE_SECONDS = 3600.0
 
 
 class ModelGone(LookupError):
@@ -103,6 +119,72 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, durable: bo
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_temp_file(name: str) -> bool:
+    """A temporary file of `write_atomic` (complete or crashed, it is never read by anything)."""
+    return bool(TEMP_FILE_PATTERN.fullmatch(name))
+
+
+def last_activity(path: Path) -> float:
+    """The newest mtime of `path` and, for a directory, of everything in it (0.0 when it vanished)."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_path(path: Path) -> bool:
+    """Remove a file or a directory tree; False when it was already gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            return not path.exists()
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def sweep_temp_files(directory: Path, max_age_seconds: float, now: float | None = None) -> list[Path]:
+    """Remove `write_atomic` temporaries directly in `directory` untouched for `max_age_seconds` (a crash
+    between writing and renaming them); the paths removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = [Path(e.path) for e in os.scandir(directory) if e.is_file(follow_symlinks=False)
+                   and is_temp_file(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for path in entries:
+        if now - last_activity(path) >= max_age_seconds and remove_path(path):
+            removed.append(path)
+    return removed
+
+
+def sweep_entries(directory: Path, max_age_seconds: float, now: float | None = None,
+                  keep: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove every entry of `directory` (files or trees) untouched for `max_age_seconds`, except those
+    `keep(path)` says to keep; the paths removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = [Path(e.path) for e in os.scandir(directory)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for path in entries:
+        if now - last_activity(path) < max_age_seconds or (keep is not None and keep(path)):
+            continue
+        if remove_path(path):
+            removed.append(path)
+            log.info("swept %s (untouched for over %.0f s: left by a killed process)", path, max_age_seconds)
+    return removed
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -252,6 +334,21 @@ class ModelStore:
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
+        """Remove what killed processes left: staging directories untouched for `max_age_seconds`, every
+        trash directory (a delete renamed it there; nothing reads it), and `write_atomic` temporaries (beside
+        aliases.json, in model directories, in the export templates) untouched as long. The paths removed."""
+        now = time.time()
+        removed = sweep_entries(self.models_dir / _STAGING, max_age_seconds, now)
+        removed += sweep_entries(self.models_dir / _TRASH, 0.0, now)
+        folders = [self.artifact_dir, self.models_dir, self.artifact_dir / EXPORT_TEMPLATES_DIR]
+        with contextlib.suppress(FileNotFoundError):
+            folders += [Path(e.path) for e in os.scandir(self.models_dir)
+                        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        for folder in folders:
+            removed += sweep_temp_files(folder, max_age_seconds, now)
+        return removed
+
     # ----- aliases -----
 
     def read_aliases(self) -> dict[str, str]:
@@ -312,3 +409,31 @@ def _valid_metadata(model_id: str, path: Path, raw: bytes) -> dict[str, Any] | N
         log.warning("model %s: ignoring it, %s lacks Model fields or has wrong types (%s)", model_id, path, problems)
         return None
     return data
+
+
+def sweep_artifacts(settings: Settings, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> dict[str, int]:
+    """Sweep the whole artifact directory of `settings`: the model store, the dataset store and the engine's
+    caches (their crashed temporaries, and each back within its size bound). Never raises: a sweep that
+    fails is logged and the rest goes on. Returns the number of paths removed per part."""
+    from worker.engine.data import sweep_data_cache
+    from worker.engine.features import FeatureCache
+    from worker.store.datasets import DatasetStore
+
+    parts: dict[str, Callable[[], list[Path]]] = {
+        "models": lambda: ModelStore(settings.artifact_dir).sweep(max_age_seconds),
+        "datasets": lambda: DatasetStore(settings.artifact_dir).sweep(max_age_seconds),
+        "feature_cache": lambda: FeatureCache(settings.feature_cache_dir,
+                                              settings.feature_cache_max_bytes).sweep(max_age_seconds),
+        "data_cache": lambda: sweep_data_cache(settings.data_cache_dir, settings.data_cache_max_bytes,
+                                               max_age_seconds),
+    }
+    counts = {}
+    for name, sweep in parts.items():
+        try:
+            counts[name] = len(sweep())
+        except Exception:  # a sweep is housekeeping: it never stops a worker from starting
+            log.exception("sweeping the %s under %s failed", name, settings.artifact_dir)
+            counts[name] = 0
+    if any(counts.values()):
+        log.info("artifact sweep: removed %s", ", ".join(f"{n} from the {k}" for k, n in counts.items() if n))
+    return counts
