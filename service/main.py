@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     # Added last = outermost: metrics see every answer, including the guard's 401 and 413.
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_upload_bytes,
-                       max_dataset_bytes=settings.max_dataset_bytes)
+                       max_dataset_bytes=settings.max_dataset_bytes, allowed_hosts=settings.allowed_host_names)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

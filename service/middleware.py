@@ -18,12 +18,26 @@
    A request that sent `Expect: 100-continue` has not sent its body: nothing is read.
 3. Query strings: an empty parameter (`?status=&limit=50`) counts as absent, so API.md's templates work as
    written.
+4. Web pages: with no key set, the service must not be usable by whatever page the user's browser shows.
+   - Host (DNS rebinding: a page whose own name now points at this service): a `Host` that is not in
+     `TL_ALLOWED_HOSTS`, not this machine's hostname and not the address the connection came in on is a
+     421. `/healthz`, `/readyz`, `/metrics` and `/v2/health/*` answer any Host, so probes that address a
+     pod or container by a name of their own keep working (they hold nothing a page could use).
+   - Origin (cross-site requests): a POST/PUT/PATCH/DELETE whose `Origin` is not this service (the same
+     host and port as `Host`, or as `X-Forwarded-Host`, which no page can set) is a 403, as is one with no
+     Origin that the browser marks `Sec-Fetch-Site: cross-site`. The API sends no CORS headers, so no page
+     of another origin had a legitimate use for it anyway.
+   - Content-Type: a state-changing request with a body but no `Content-Type` is a 415 (a page can send a
+     body without one; it was read as JSON).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +45,10 @@ from service.errors import problem_bytes
 
 PROTECTED_PREFIX = "/v1"
 DATASET_UPLOAD_PATH = "/v1/datasets"
+#: Answered whatever the Host: liveness/readiness probes and scrapers address the process by names of their own.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Lingering close of a refused body: drop at least this much more of it (twice the limit when that is more) ...
 LINGER_MIN_BYTES = 64 * 1024 * 1024
 #: ... for at most this long in all, and this long without a byte.
@@ -71,12 +89,22 @@ def bearer_token(scope: Scope) -> bytes | None:
 
 
 class RequestGuard:
-    """Bearer-key check on /v1 paths and the request body limit, in that order."""
+    """Host, Origin, bearer key on /v1 paths, Content-Type and the request body limit, in that order.
+
+    `allowed_hosts` None answers any Host (as does a `*` among them)."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
-                 max_dataset_bytes: int | None = None, linger_min_bytes: int = LINGER_MIN_BYTES,
+                 max_dataset_bytes: int | None = None, allowed_hosts: Iterable[str] | None = None,
+                 linger_min_bytes: int = LINGER_MIN_BYTES,
                  linger_seconds: float = LINGER_SECONDS, linger_idle_seconds: float = LINGER_IDLE_SECONDS) -> None:
         self.app = app
+        names = None if allowed_hosts is None else {name.lower().rstrip(".") for name in allowed_hosts}
+        if names is not None and "*" in names:
+            names = None
+        if names is not None:
+            names.add(socket.gethostname().lower())
+        self._hosts = None if names is None else frozenset(n for n in names if not n.startswith("."))
+        self._host_suffixes = () if names is None else tuple(n for n in names if n.startswith("."))
         self._key = api_key.encode() if api_key else None
         self._limit = max_body_bytes
         self._dataset_limit = max_dataset_bytes if max_dataset_bytes is not None else max_body_bytes
@@ -88,11 +116,33 @@ class RequestGuard:
             return self._dataset_limit, "TL_MAX_DATASET_BYTES"
         return self._limit, "TL_MAX_UPLOAD_BYTES"
 
+    def _host_allowed(self, scope: Scope, name: str) -> bool:
+        if self._hosts is None or name in self._hosts:
+            return True
+        if any(name == suffix[1:] or name.endswith(suffix) for suffix in self._host_suffixes):
+            return True
+        server = scope.get("server")  # the local address the connection came in on: no rebinding names that
+        return server is not None and str(server[0]).lower() == name
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._key is not None and is_protected(routed_path(scope)):
+        path = routed_path(scope)
+        host = _header(scope, b"host")
+        if host is not None and path not in PROBE_PATHS:
+            name, _ = split_host(host.decode("latin-1"))
+            if not self._host_allowed(scope, name):
+                await self._refuse(scope, receive, send, 421,
+                                   f"this service does not answer to Host {name[:100]!r}: add the name to "
+                                   "TL_ALLOWED_HOSTS (comma-separated) if it is really this service's")
+                return
+        if scope["method"] in UNSAFE_METHODS:
+            refused = cross_origin(scope)
+            if refused is not None:
+                await self._refuse(scope, receive, send, 403, refused)
+                return
+        if self._key is not None and is_protected(path):
             token = bearer_token(scope)
             if token is None or not hmac.compare_digest(token, self._key):
                 detail = ("missing bearer token: send 'Authorization: Bearer <TL_API_KEY>'" if token is None
@@ -103,6 +153,12 @@ class RequestGuard:
         length = _content_length(scope)
         if length == -1:
             await _answer(send, 400, "invalid Content-Length header", close=True)
+            return
+        if scope["method"] in UNSAFE_METHODS and _body_expected(scope) and not (_header(scope, b"content-type")
+                                                                               or b"").strip():
+            await self._refuse(scope, receive, send, 415,
+                               "missing Content-Type: a request body must say what it is (application/json, "
+                               "multipart/form-data, or the image or archive type)")
             return
         limit, variable = self._limit_for(scope)
         detail = f"request body too large: at most {limit} bytes ({variable})"
@@ -163,6 +219,55 @@ class RequestGuard:
         await _answer(send, status, detail, extra, close=True, more_body=True)
         await _discard(receive, max(floor, 2 * limit), seconds, idle)
         await send({"type": "http.response.body", "body": b""})
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """A Host header (or X-Forwarded-Host) -> (lower-case name without a trailing dot, port or None);
+    `[::1]:8000` -> ("::1", 8000). A port that is not a number stays part of the name (so matches nothing)."""
+    value = value.split(",", 1)[0].strip().lower()
+    port: int | None = None
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif value.count(":") == 1 and value.rpartition(":")[2].isdigit():
+        name, _, digits = value.rpartition(":")
+        port = int(digits)
+    else:
+        name = value
+    return name.rstrip("."), port
+
+
+def cross_origin(scope: Scope) -> str | None:
+    """Why a state-changing request comes from another site (its detail), or None when it does not.
+
+    Same origin: the `Origin` has the host and port of `Host` (or of `X-Forwarded-Host`, set by a proxy that
+    rewrites Host; a page cannot send that header). No `Origin`: not a browser's cross-site request, unless
+    `Sec-Fetch-Site` says it is."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        site = (_header(scope, b"sec-fetch-site") or b"").strip().lower()
+        if site in (b"cross-site", b"same-site"):
+            return f"cross-site request refused (Sec-Fetch-Site: {site.decode('latin-1')}): this API takes no " \
+                   "requests from other web sites"
+        return None
+    text = origin.decode("latin-1").strip()
+    try:
+        parts = urlsplit(text)
+        origin_port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        origin_name = (parts.hostname or "").rstrip(".")
+    except ValueError:
+        origin_port, origin_name = None, ""
+    if origin_name and origin_port is not None:
+        for header in (b"host", b"x-forwarded-host"):
+            value = _header(scope, header)
+            if value is None:
+                continue
+            name, port = split_host(value.decode("latin-1"))
+            if name == origin_name and (port == origin_port if port is not None else origin_port in (80, 443)):
+                return None
+    return (f"cross-origin request refused: Origin {text[:100]!r} is not this service; this API takes no "
+            "state-changing requests from other web sites")
 
 
 def drop_empty_query_values(query: bytes) -> bytes:

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(False, description="mixed_float16 training on a GPU")
     deterministic: bool = Field(True, description="Keras deterministic ops (reproducible runs)")
     log_level: str = Field("INFO", description="logging level of every process")
+    allowed_hosts: str = Field(
+        "localhost,127.0.0.1,::1",
+        description="Host names the API answers to, comma-separated (`*`: any; `.example.com`: it and its "
+                    "subdomains); this machine's hostname and the address a request came in on are always "
+                    "allowed, and `/healthz`, `/readyz`, `/metrics` answer any Host; others get 421 (DNS rebinding)")
     data_cache_max_bytes: int = Field(1024**3, ge=0,
                                       description="disk bound of the data cache (decoded CIFAR-10); 0 keeps none")
 
@@ -58,6 +63,15 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_list(cls, value: str) -> str:
+        names = [name.strip().lower().rstrip(".") for name in value.split(",") if name.strip()]
+        bad = [name for name in names if any(c.isspace() or c in "/@?#" for c in name)]
+        if bad:
+            raise ValueError(f"not a host name: {bad[0]!r} (give names, no scheme or path, separated by commas)")
+        return ",".join(names)
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -65,6 +79,11 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    @property
+    def allowed_host_names(self) -> tuple[str, ...]:
+        """`TL_ALLOWED_HOSTS` as a tuple of lower-case names."""
+        return tuple(name for name in self.allowed_hosts.split(",") if name)
 
     @property
     def feature_cache_dir(self) -> Path:

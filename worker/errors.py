@@ -5,6 +5,7 @@ TrainingError
 ├── WeightsNotFound       MobileNetV2 weights neither in TL_WEIGHTS_DIR, Keras' cache, nor downloadable
 ├── InvalidSpec           a spec the data cannot satisfy (e.g. more samples than the split holds)
 ├── ArtifactWriteError    the model directory could not be written (permissions, disk full)
+├── TrainingDiverged      the loss became NaN or infinite (usually a learning rate too high)
 └── JobCancelled          the cancel flag was seen; nothing is kept
 """
 
@@ -36,6 +37,10 @@ class InvalidSpec(TrainingError):
 
 
 class ArtifactWriteError(TrainingError):
+    pass
+
+
+class TrainingDiverged(TrainingError):
     pass
 
 

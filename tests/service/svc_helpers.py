@@ -26,7 +26,7 @@ def make_settings(redis_url: str, artifact_dir: Path, **overrides: Any) -> Setti
         "weights_dir": testkit.weights_dir() or testkit.SHARED / "weights",
         "api_key": None, "max_upload_bytes": 10 * 1024 * 1024, "max_batch": 64,
         "model_cache_size": 4, "batch_window_ms": 2.0, "serving_threads": 2, "job_lost_seconds": 45.0,
-        "allow_download": False,
+        "allow_download": False, "allowed_hosts": "localhost,127.0.0.1,::1,testserver",  # TestClient's Host
     }
     values.update(overrides)
     return Settings(**values)

@@ -5,7 +5,9 @@ API runs as a real uvicorn child process (`live_api`), talked to over sockets as
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,9 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
+from svc_helpers import assert_problem, make_settings
 
 from service.launcher import Child, free_port, uvicorn_argv
 from service.middleware import RequestGuard
+from worker.config import Settings
 
 API_KEY = "hardening-key"
 
@@ -153,3 +158,87 @@ def test_the_lingering_close_is_bounded(silent_after: int | None) -> None:
     assert client.messages[0]["status"] == 413
     assert client.messages[-1] == {"type": "http.response.body", "body": b""}  # the answer was ended
     assert client.read == (65 if silent_after is None else 3)  # stopped at 64 KiB dropped, or when idle
+
+
+# ----- 4. web pages: Host (DNS rebinding), Origin (cross-site), Content-Type -----
+
+JOB = {"model": "baseline", "train_samples": 100, "test_samples": 100, "epochs": 1}
+
+
+def job_count(redis_db: redis.Redis) -> int:
+    return int(redis_db.zcard("tl:jobs"))
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "rebind.attacker.test.", "10.9.8.7"])
+def test_a_host_not_allowed_is_421(client: TestClient, redis_db: redis.Redis, host: str) -> None:
+    assert_problem(client.get("/v1/jobs", headers={"Host": host}), 421, "TL_ALLOWED_HOSTS")
+    assert_problem(client.get("/v1/models", headers={"Host": host}), 421)
+    assert_problem(client.post("/v1/jobs", json=JOB, headers={"Host": host}), 421)
+    assert job_count(redis_db) == 0
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST.",
+                                  "testserver", socket.gethostname()])
+def test_the_local_names_are_answered(client: TestClient, host: str) -> None:
+    assert client.get("/v1/jobs", headers={"Host": host}).status_code == 200
+
+
+def test_probes_answer_any_host(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path, headers={"Host": "pod-10-1-2-3.cluster.internal"}).status_code == 200, path
+
+
+@pytest.mark.parametrize("allowed, host, status", [("api.example.com", "api.example.com", 200),
+                                                   ("api.example.com", "localhost", 421),
+                                                   (".example.com", "a.b.example.com", 200),
+                                                   (".example.com", "example.com", 200),
+                                                   (".example.com", "example.com.evil", 421),
+                                                   ("*", "anything.test", 200)])
+def test_allowed_hosts_is_a_setting(redis_url: str, artifact_dir: Path, app_client: Callable[[Settings], TestClient],
+                                    allowed: str, host: str, status: int) -> None:
+    client = app_client(make_settings(redis_url, artifact_dir, allowed_hosts=allowed))
+    assert client.get("/v1/jobs", headers={"Host": host}).status_code == status
+
+
+def test_the_live_api_refuses_a_rebinding_host(live_api: Callable[..., LiveAPI]) -> None:
+    api = live_api()  # the settings' default TL_ALLOWED_HOSTS
+    assert httpx.get(f"{api.base_url}/v1/jobs").status_code == 200  # Host 127.0.0.1:<port>, as the harness sends
+    assert httpx.get(f"{api.base_url}/v1/jobs", headers={"Host": "localhost"}).status_code == 200
+    refused = httpx.get(f"{api.base_url}/v1/jobs", headers={"Host": "evil.example"})
+    assert_problem(refused, 421, "TL_ALLOWED_HOSTS")
+    assert httpx.get(f"{api.base_url}/readyz", headers={"Host": "evil.example"}).status_code == 200
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://testserver:8080", "https://testserver.evil",
+                                    "http://localhost"])
+def test_a_cross_site_write_is_403(client: TestClient, redis_db: redis.Redis, origin: str) -> None:
+    assert_problem(client.post("/v1/jobs", json=JOB, headers={"Origin": origin}), 403, "cross-origin")
+    assert_problem(client.delete("/v1/models/m_x", headers={"Origin": origin}), 403)
+    assert_problem(client.put("/v1/aliases/prod", json={"model_id": "m_x"}, headers={"Origin": origin}), 403)
+    assert job_count(redis_db) == 0
+    assert client.get("/v1/jobs", headers={"Origin": origin}).status_code == 200  # reads: CORS keeps them private
+
+
+def test_a_cross_site_write_without_origin_is_403(client: TestClient, redis_db: redis.Redis) -> None:
+    refused = client.post("/v1/jobs", json=JOB, headers={"Sec-Fetch-Site": "cross-site"})
+    assert_problem(refused, 403, "Sec-Fetch-Site")
+    assert job_count(redis_db) == 0
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://testserver"}, {"Origin": "https://testserver"},
+                                     {"Origin": "http://localhost:8000", "Host": "localhost:8000"},
+                                     {"Origin": "https://api.example.com", "Host": "127.0.0.1:8000",
+                                      "X-Forwarded-Host": "api.example.com"},
+                                     {"Sec-Fetch-Site": "same-origin"}, {}])
+def test_same_origin_writes_are_accepted(client: TestClient, headers: dict[str, str]) -> None:
+    assert client.post("/v1/jobs", json=JOB, headers=headers).status_code == 202
+
+
+def test_a_body_without_content_type_is_415(client: TestClient, redis_db: redis.Redis) -> None:
+    # What fetch(url, {method: "POST", mode: "no-cors", body: new Blob([json])}) sends: no Content-Type at all.
+    response = client.post("/v1/jobs", content=json.dumps(JOB).encode())
+    assert "content-type" not in response.request.headers
+    assert_problem(response, 415, "Content-Type")
+    assert_problem(client.put("/v1/aliases/prod", content=b'{"model_id": "m_x"}'), 415)
+    assert job_count(redis_db) == 0
+    assert client.post("/v1/jobs", json=JOB).status_code == 202

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from worker.engine.features import FeatureKey
 from worker.engine.loop import CHUNK_BATCHES, LoopResult, TrainingLoop, loss_and_accuracy
 from worker.engine.runtime import RuntimeInfo, configure_tensorflow
 from worker.engine.weights import WeightsFile, resolve_weights
-from worker.errors import ArtifactWriteError, JobCancelled
+from worker.errors import ArtifactWriteError, JobCancelled, TrainingDiverged
 from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
@@ -367,6 +368,8 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     trained = _train_baseline(job) if spec.model == "baseline" else _train_transfer(job)
 
     progress.enter("evaluating")
+    if not np.isfinite(trained.test_probs).all():
+        raise _diverged(job, trained.history[-1].epoch if trained.history else 0, spec.epochs + 1)
     test_loss, test_accuracy = loss_and_accuracy(trained.test_probs, data.y_test)
     evaluation = trained.evaluation(data.y_test, data.classes)
     from worker.engine.models import count_params
@@ -481,9 +484,24 @@ def _fit(job: JobContext, loop: TrainingLoop, x_train: np.ndarray | list[np.ndar
         progress.check_cancel()
         progress.within(fraction)
 
+    def on_epoch(record: EpochRecord) -> None:
+        progress.reporter.epoch_end(record)
+        if not all(math.isfinite(v) for v in (record.loss, record.val_loss)):
+            raise _diverged(job, record.epoch, first_epoch)
+
     return loop.fit(x_train, job.data.y_train, x_test, job.data.y_test, epochs=epochs, seed=job.spec.seed,
                     first_epoch=first_epoch, class_weights=job.class_weights, after_chunk=after_chunk,
-                    on_epoch=progress.reporter.epoch_end)
+                    on_epoch=on_epoch)
+
+
+def _diverged(job: JobContext, epoch: int, first_epoch: int) -> TrainingDiverged:
+    spec = job.spec
+    fine_tuning = spec.fine_tuning and first_epoch > spec.epochs
+    field, rate = ("fine_tune_learning_rate", spec.fine_tune_learning_rate) if fine_tuning else \
+        ("learning_rate", spec.learning_rate)
+    return TrainingDiverged(f"training diverged: the loss became NaN or infinite at epoch {epoch}, so the model "
+                            f"would predict nothing; lower {field} (now {rate:g}, e.g. to {rate / 10:g}) and "
+                            "submit the job again")
 
 
 def _train_baseline(job: JobContext) -> TrainedModel:

@@ -12,7 +12,7 @@ import pytest
 
 from worker.config import Settings
 from worker.engine.data import draw_subsets, load_cifar10, take
-from worker.engine.loop import CHUNK_BATCHES
+from worker.engine.loop import CHUNK_BATCHES, TrainingLoop
 from worker.engine.pipeline import TrainResult, train_job
 from worker.errors import ArtifactWriteError, JobCancelled
 from worker.litert import run_batches
@@ -246,3 +246,24 @@ def test_every_job_is_evaluated_per_class(run: str, request: pytest.FixtureReque
     f1 = [c.f1 for c in metrics.per_class if c.support]
     assert metrics.macro_f1 == pytest.approx(sum(f1) / len(f1), abs=1e-5)
     assert result.metadata["dataset"]["id"] == "cifar10" and result.metadata["dataset"]["sha256"]
+
+
+def test_a_diverged_training_fails_the_job_with_what_to_change() -> None:
+    from types import SimpleNamespace
+
+    from worker.engine.pipeline import JobContext, NullReporter, _fit, _Progress
+    from worker.errors import TrainingDiverged
+
+    spec = JobCreate(model="baseline", learning_rate=1.0, epochs=2)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    x = np.ones((64, 4), dtype=np.float32)
+    x[5, 0] = np.inf  # the first batch's loss is not finite: the weights become NaN, as a diverging run's do
+    y = np.zeros(64, dtype=np.int64)
+    data = SimpleNamespace(y_train=y, y_test=y)
+    progress = _Progress(NullReporter(), {"training": 1.0})
+    progress.enter("training")
+    job = JobContext(spec, None, None, progress, data, None, None)  # type: ignore[arg-type]
+    loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=1.0), 32)
+    with pytest.raises(TrainingDiverged, match=r"lower learning_rate \(now 1, e.g. to 0.1\)"):
+        _fit(job, loop, x, x, epochs=2)
