@@ -28,7 +28,9 @@
      Origin that the browser marks `Sec-Fetch-Site: cross-site`. The API sends no CORS headers, so no page
      of another origin had a legitimate use for it anyway.
    - Content-Type: a state-changing request with a body but no `Content-Type` is a 415 (a page can send a
-     body without one; it was read as JSON).
+     body without one). Inference routes change nothing and decide themselves: `/v1` predict answers 415,
+     while the KServe v2 and TF Serving protocols read such a body as JSON, as their clients expect
+     (`tritonclient.http`, `requests.post(url, data=...)` send none).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def is_protected(path: str) -> bool:
     if path == "/v2" or (path.startswith("/v2/") and not path.startswith("/v2/health/")):
         return True
     return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+
+
+def is_inference(path: str) -> bool:
+    """Predict routes of every protocol: `/v1/predict`, `/v1/models/{ref}/predict`, TF Serving's
+    `/v1/models/{name}:predict`, and everything under `/v2` (KServe's Open Inference Protocol)."""
+    return path.startswith("/v2/") or path.endswith(("/predict", ":predict"))
 
 
 def routed_path(scope: Scope) -> str:
@@ -154,8 +162,8 @@ class RequestGuard:
         if length == -1:
             await _answer(send, 400, "invalid Content-Length header", close=True)
             return
-        if scope["method"] in UNSAFE_METHODS and _body_expected(scope) and not (_header(scope, b"content-type")
-                                                                               or b"").strip():
+        if (scope["method"] in UNSAFE_METHODS and _body_expected(scope) and not is_inference(path)
+                and not (_header(scope, b"content-type") or b"").strip()):
             await self._refuse(scope, receive, send, 415,
                                "missing Content-Type: a request body must say what it is (application/json, "
                                "multipart/form-data, or the image or archive type)")

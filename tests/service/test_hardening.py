@@ -242,3 +242,10 @@ def test_a_body_without_content_type_is_415(client: TestClient, redis_db: redis.
     assert_problem(client.put("/v1/aliases/prod", content=b'{"model_id": "m_x"}'), 415)
     assert job_count(redis_db) == 0
     assert client.post("/v1/jobs", json=JOB).status_code == 202
+
+
+@pytest.mark.parametrize("path", ["/v2/models/m_x/infer", "/v1/models/m_x:predict"])
+def test_inference_protocols_take_a_body_without_content_type(client: TestClient, path: str) -> None:
+    # tritonclient.http and requests.post(url, data=json_text) send none; these routes read it as JSON.
+    response = client.post(path, content=b'{"inputs": []}')
+    assert response.status_code == 404, response.text  # no such model (not a 415)
