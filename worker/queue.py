@@ -51,8 +51,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_disable_prefetch=True,
         worker_concurrency=1,
         worker_max_tasks_per_child=1,
-        # A new pool child imports TensorFlow before it reports ready (`worker.tasks.warm_start`): that takes
-        # longer than Celery's default 4 s on a small CPU, after which the parent would kill the child.
+        # A new pool child imports TensorFlow in a background thread (`worker.tasks.warm_start`); should a
+        # slow start ever hold its readiness, Celery's default 4 s would have the parent kill the child.
         worker_proc_alive_timeout=120,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,

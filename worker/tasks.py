@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,22 @@ def train(self: Task, job_id: str) -> dict[str, str]:
 
 @worker_process_init.connect
 def warm_start(**_: Any) -> None:
-    """In each new pool child: import TensorFlow and the engine now, so a job starts in well under a second."""
-    settings = get_settings()
+    """In each new pool child: import TensorFlow and the engine at once, in a background thread.
+
+    The child is recycled after every job (memory and GPU memory come back), so the import runs in the gap
+    between jobs. In a thread, the child reports ready at once: a job that arrives meanwhile is claimed
+    (`running`) immediately, and its own import of the engine waits for the one under way instead of
+    starting again.
+    """
+    threading.Thread(target=_warm_up, name="tl-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
     started = time.monotonic()
     try:
         from worker.engine.runtime import configure_tensorflow
 
-        configure_tensorflow(settings)
+        configure_tensorflow(get_settings())
         import worker.engine.pipeline  # noqa: F401 - the import is the warm-up
     except Exception:
         log.exception("warm start failed; each job will import TensorFlow itself")
