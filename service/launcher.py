@@ -13,8 +13,14 @@
    in the artifact directory is swept (`worker.store.local.sweep_artifacts`).
 3. Each child's lines are printed with its name in front; the URL of `/docs` is printed once `/readyz`
    answers 200.
-4. Ctrl-C or SIGTERM stops every child (each runs in its own process group: SIGTERM, then SIGKILL after a
-   grace period) and exits 0. If a child dies on its own, the others are stopped and the exit status is 1.
+4. Supervision: a child that dies on its own (kill -9, the kernel's OOM killer, a crash) is restarted after
+   a backoff (1, 2, 4 ... 30 s; back to 1 s once it has run for a minute), the others keep running. The rest
+   of its process group is killed first, so a job the dead worker held ends `failed` (`WorkerLost`) through
+   the API's reaper; a restarted API listens on the same port, a restarted Redis on the same port with the
+   same append-only file. Only a child's first run failing on its own within `STARTUP_SECONDS` (a
+   configuration error, a taken port) stops everything, with exit status 1.
+5. Ctrl-C or SIGTERM stops every child (each runs in its own process group: SIGTERM, then SIGKILL after a
+   grace period) and exits 0.
 
 The integration tests start their processes with the same pieces (`Child`, `start_local_redis`).
 """
@@ -39,6 +45,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -51,6 +59,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 10.0
 #: The bundled Redis keeps its append-only file here, under TL_ARTIFACT_DIR.
 REDIS_DIR = "redis"
+#: Seconds before the n-th restart in a row of a child that keeps dying (the last one repeats).
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A child that ran this long before dying starts its backoff again from the first delay.
+HEALTHY_SECONDS = 60.0
+#: A child's first run that exits on its own with an error this soon is a start-up failure: everything stops.
+STARTUP_SECONDS = 30.0
 
 _print_lock = threading.Lock()
 
@@ -265,6 +279,29 @@ def readyz_workers(url: str) -> int:
 
 # ----- the supervisor -----
 
+def restart_delay(failures: int) -> float:
+    """The backoff before the restart that follows `failures` quick deaths in a row (0: the first)."""
+    return RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+
+
+def exit_description(status: int | None) -> str:
+    if status is not None and status < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
+
+
+@dataclass
+class Supervised:
+    """One child under supervision: when it last started, how often it died quickly, its pending restart."""
+
+    child: Child
+    started_at: float = dataclass_field(default_factory=time.monotonic)
+    runs: int = 1
+    quick_failures: int = 0
+    restart_at: float | None = None  # monotonic time of a scheduled restart
+
+
 class LaunchError(RuntimeError):
     """The launcher cannot start (said in one line, exit status 1)."""
 
@@ -298,13 +335,15 @@ class RedisDirLock:
 
 
 class Supervisor:
-    """Starts Redis (if needed), the worker and the API; stops them all on a signal or when one dies."""
+    """Starts Redis (if needed), the workers and the API; restarts any of them that dies on its own (with
+    backoff) while the others keep running; stops them all on a signal."""
 
     def __init__(self, host: str, port: int, grace: float = STOP_GRACE_SECONDS) -> None:
         self.host = host
         self.port = port
         self.grace = grace
         self.children: list[Child] = []
+        self.supervised: list[Supervised] = []
         self.stopping = threading.Event()
         self.signalled: int | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -365,6 +404,7 @@ class Supervisor:
 
     def _supervise(self, child: Child) -> None:
         self.children.append(child)
+        self.supervised.append(Supervised(child))
 
     def _run(self, settings: Settings) -> int:
         from worker.store.local import sweep_artifacts
@@ -392,30 +432,77 @@ class Supervisor:
         local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         base = f"http://{local}:{self.port}"
         ready = worker_seen = False
+        api_back = worker_back = True  # nothing to announce until one of them is restarted
         while not self.stopping.wait(0.5):
-            dead = [child for child in self.children if not child.running()]
-            if dead:
-                for child in dead:
-                    status = child.process.returncode if child.process else None
-                    say("launch", f"{child.name} exited with status {status}; stopping the others")
-                return 1
+            for entry in self.supervised:
+                if self._check(entry) == "fatal":
+                    return 1
+                if entry.restart_at is not None and time.monotonic() >= entry.restart_at and not self.stopping.is_set():
+                    self._restart(entry)
+                    api_back = api_back and entry.child.name != "api"
+                    worker_back = worker_back and entry.child.name != "worker"
             if not ready and http_status(f"{base}/readyz") == 200:
-                ready = True
+                ready = api_back = True
                 say("launch", f"ready: API docs at {base}/docs (Ctrl-C stops everything)")
             elif ready and not worker_seen and (workers := readyz_workers(f"{base}/readyz")) > 0:
-                worker_seen = True
+                worker_seen = worker_back = True
                 say("launch", f"/readyz reports {workers} worker(s): submitted jobs will run")
+            elif ready and not api_back and http_status(f"{base}/readyz") == 200:
+                api_back = True
+                say("launch", f"the API answers again at {base}")
+            elif worker_seen and not worker_back and (workers := readyz_workers(f"{base}/readyz")) > 0:
+                worker_back = True
+                say("launch", f"/readyz reports {workers} worker(s) again")
         say("launch", f"{signal.Signals(self.signalled).name if self.signalled else 'stop'}: stopping")
         return 0
 
+    def _check(self, entry: Supervised) -> str | None:
+        """Notice a child that died on its own: schedule its restart ("restart"), or "fatal" for a start-up
+        failure; None when it runs (or already waits for its restart)."""
+        child = entry.child
+        if entry.restart_at is not None or child.running() or self.stopping.is_set():
+            return None
+        status = child.process.returncode if child.process else None
+        child.signal_group(signal.SIGKILL)  # what of its group outlived it: a pool process must not keep a job
+        now = time.monotonic()
+        uptime = now - entry.started_at
+        if entry.runs == 1 and status is not None and status > 0 and uptime < STARTUP_SECONDS:
+            say("launch", f"{child.name} {exit_description(status)} {uptime:.1f} s after it started; "
+                          "stopping the others (see its lines above)")
+            return "fatal"
+        if uptime >= HEALTHY_SECONDS:
+            entry.quick_failures = 0
+        delay = restart_delay(entry.quick_failures)
+        entry.quick_failures += 1
+        entry.restart_at = now + delay
+        say("launch", f"{child.name} (pid {child.pid}) {exit_description(status)} after {uptime:.0f} s; "
+                      f"restarting it in {delay:.0f} s, the others keep running")
+        return "restart"
+
+    def _restart(self, entry: Supervised) -> None:
+        child = entry.child
+        if child._pump is not None:
+            child._pump.join(timeout=1)  # the dead one's last lines first
+        try:
+            child.start()
+        except OSError as exc:  # cannot even fork/exec: try again later
+            entry.restart_at = time.monotonic() + restart_delay(entry.quick_failures)
+            say("launch", f"could not restart {child.name}: {exc}; trying again")
+            return
+        entry.started_at = time.monotonic()
+        entry.restart_at = None
+        entry.runs += 1
+        say("launch", f"restarted {child.name} (pid {child.pid}), run {entry.runs}")
+
     def shutdown(self) -> None:
-        # The API first (no new jobs), then the worker (its running job ends `failed`), then Redis.
+        # The API first (no new jobs), then the workers (a running job ends `failed`), then Redis.
         for child in reversed(self.children):
             if child.process is None:
                 continue
             status = child.stop(self.grace)
             say("launch", f"{child.name} stopped (status {status})")
         self.children.clear()
+        self.supervised.clear()
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

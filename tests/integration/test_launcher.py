@@ -166,3 +166,106 @@ def test_a_second_launcher_on_the_same_artifact_dir_is_refused(launcher_env: dic
         assert "another `make run` uses" in second.stdout, second.stdout
     finally:
         assert first.stop(signal.SIGTERM) == 0, first.output()
+
+
+class Prober:
+    """GET /healthz every 0.2 s in a thread; every status (None: no answer) with its time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen: list[tuple[float, int | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.wait(0.2):
+                try:
+                    status: int | None = client.get(self.url).status_code
+                except httpx.HTTPError:
+                    status = None
+                self.seen.append((time.monotonic(), status))
+
+    def stop(self) -> list[tuple[float, int | None]]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.seen
+
+
+def test_launcher_restarts_what_dies_and_keeps_serving(launcher_env: dict[str, str]) -> None:
+    """kill -9 of the worker's process group mid-job, then of the API, then of Redis: each comes back (same
+    port), the API answers /healthz throughout the worker's death, the job the worker held ends failed
+    (WorkerLost) and the next job runs."""
+    env = {**launcher_env, "TL_JOB_LOST_SECONDS": "10", "TL_JOB_HEARTBEAT_SECONDS": "2"}
+    port = int(env["TL_PORT"])
+    base = f"http://127.0.0.1:{port}"
+    launcher = Launcher(env, port)
+    client = httpx.Client(base_url=base, timeout=30)
+    try:
+        launcher.wait_line(r"/readyz reports 1 worker\(s\)", timeout=240)
+        pids = launcher.pids()
+        assert set(pids) == {"redis", "worker", "datasets", "api"}, pids
+
+        # 1. the worker, while it holds a job
+        held = None
+        if data_dir() is not None:
+            response = client.post("/v1/jobs", json={"model": "baseline", "train_samples": 5000,
+                                                     "test_samples": 500, "epochs": 30, "seed": 41})
+            assert response.status_code == 202, response.text
+            held = wait_job(client, response.json()["id"], timeout=180, until=lambda j: j["status"] == "running")
+        prober = Prober(f"{base}/healthz")
+        time.sleep(1)
+        os.killpg(pids["worker"], signal.SIGKILL)
+        killed = time.monotonic()
+        launcher.wait_line(rf"worker \(pid {pids['worker']}\) was killed by SIGKILL .* restarting it in 1 s",
+                           timeout=10)
+        launcher.wait_line(r"^launch \| restarted worker \(pid \d+\)", timeout=15)
+        assert group_members({pids["worker"]}) == [], "the dead worker's pool process was left running"
+        wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).json().get("workers", 0) >= 1, timeout=180,
+                 what="a new worker in /readyz")
+        print(f"a new worker answered {time.monotonic() - killed:.1f} s after the kill")
+        if held is not None:
+            failed = wait_job(client, held["id"], timeout=60)
+            assert failed["status"] == "failed" and failed["error"]["type"] == "WorkerLost", failed
+        seen = prober.stop()
+        assert len(seen) > 20 and all(status == 200 for _, status in seen), \
+            f"/healthz did not answer 200 throughout: {[s for s in seen if s[1] != 200][:5]}"
+        assert launcher.process.poll() is None
+        assert pids["api"] == launcher.pids()["api"], "the API was not restarted"
+
+        # 2. the API: back on the same port
+        os.killpg(pids["api"], signal.SIGKILL)
+        launcher.wait_line(r"^launch \| restarted api \(pid \d+\)", timeout=15)
+        wait_for(lambda: http_ok(f"{base}/healthz"), timeout=60, what="the restarted API on the same port")
+        launcher.wait_line(r"the API answers again at", timeout=30)
+
+        # 3. Redis: same port, same append-only file (what was written more than a second ago is there)
+        listed = client.get("/v1/jobs").json()["items"]
+        time.sleep(1.5)
+        os.killpg(pids["redis"], signal.SIGKILL)
+        launcher.wait_line(r"^launch \| restarted redis \(pid \d+\)", timeout=15)
+        wait_for(lambda: http_ok(f"{base}/readyz"), timeout=60, what="/readyz with Redis back")
+        assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [j["id"] for j in listed]
+        if data_dir() is not None:  # the workers reconnected: the next job runs
+            wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).json().get("workers", 0) >= 1, timeout=120,
+                     what="the worker back in /readyz after Redis came back")
+            response = client.post("/v1/jobs", json=BASELINE_SMALL)
+            assert response.status_code == 202, response.text
+            assert wait_job(client, response.json()["id"], timeout=300)["status"] == "succeeded"
+        everyone = set(pids.values()) | set(launcher.pids("restarted").values())
+    except BaseException:
+        print(launcher.output())
+        launcher.stop(signal.SIGKILL)
+        raise
+    finally:
+        client.close()
+    assert launcher.stop(signal.SIGTERM) == 0, launcher.output()
+    assert group_members(everyone) == [], "a child process outlived the launcher"
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
