@@ -19,6 +19,8 @@ from worker.store import METADATA_FILE, ModelStore
 from worker.store.local import ModelGone
 
 ROUNDS = 30
+METRICS = {"train_accuracy": 0.6, "test_accuracy": 0.5, "test_loss": 1.2, "params_total": 10,
+           "params_trainable": 10, "params_non_trainable": 0, "train_seconds": 1.0}
 
 
 def install(artifact_dir: Path, model_id: str, created_at: str = "2026-01-01T00:00:00.000Z",
@@ -26,7 +28,7 @@ def install(artifact_dir: Path, model_id: str, created_at: str = "2026-01-01T00:
     """A model directory whose metadata.json makes a valid Model (no model files: nothing here serves it)."""
     meta: dict[str, Any] = {"id": model_id, "name": None, "kind": "baseline", "job_id": f"j_{model_id}",
                             "created_at": created_at, "classes": ["cat", "dog"], "spec": {"model": "baseline"},
-                            "metrics": {"test_accuracy": 0.5}}
+                            "metrics": METRICS}
     meta.update(overrides)
     path = artifact_dir / "models" / model_id
     path.mkdir(parents=True)

@@ -45,7 +45,9 @@ def temp_of(path: Path, data: bytes = b"partial", token: str = "0123abcd") -> Pa
 
 def install_model(artifact_dir: Path, model_id: str) -> Path:
     meta = {"id": model_id, "kind": "baseline", "created_at": "2026-01-01T00:00:00.000Z", "classes": ["a", "b"],
-            "spec": {}, "metrics": {}}
+            "spec": {"model": "baseline"},
+            "metrics": {"train_accuracy": 0.6, "test_accuracy": 0.5, "test_loss": 1.2, "params_total": 10,
+                        "params_trainable": 10, "params_non_trainable": 0, "train_seconds": 1.0}}
     return write(artifact_dir / "models" / model_id / METADATA_FILE, json.dumps(meta).encode()).parent
 
 
