@@ -14,6 +14,8 @@ ServiceError                      status  meaning
 ├── PayloadTooLarge                413     body over TL_MAX_UPLOAD_BYTES, more than TL_MAX_BATCH images,
 │                                          or an image with too many pixels (decompression bomb)
 ├── UnsupportedMediaType           415
+├── TooManyRequests                429
+│   └── TooManyEventStreams        429     more open event streams than TL_MAX_EVENT_STREAMS (with Retry-After)
 ├── InvalidInput                   422     semantically invalid fields found by our own checks
 ├── ModelUnavailable               500     a model on disk that cannot be loaded (server-side problem)
 └── ServiceUnavailable             503
@@ -23,7 +25,9 @@ ServiceError                      status  meaning
 
 Besides these, `install_error_handlers` maps FastAPI's request validation (422, or 400 for invalid
 JSON), Starlette's HTTP exceptions (404 for unknown paths, 405 ...), redis-py connection and timeout
-errors (503) and anything unexpected (500, logged) to the same shape.
+errors (503) and anything unexpected (500, logged) to the same shape. The request guard
+(`service.middleware`) answers 401, 403 (cross-site), 413, 415 (no Content-Type) and 421 (unknown Host)
+itself, before any route, in the same shape (`problem_bytes`).
 """
 
 from __future__ import annotations
@@ -124,6 +128,16 @@ class PayloadTooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status = 415
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+
+
+class TooManyEventStreams(TooManyRequests):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"too many open event streams: at most {limit} at once (TL_MAX_EVENT_STREAMS); retry in "
+                         f"{retry_after} s, or poll GET /v1/jobs/{{id}}", headers={"Retry-After": str(retry_after)})
 
 
 class InvalidInput(ServiceError):

@@ -18,6 +18,7 @@ from celery import Celery
 
 from service.datasets import DatasetService
 from service.errors import InvalidInput, JobFinished, JobNotFound, QueueUnavailable
+from service.events import ChangeFeed, EventStream, StreamSlots
 from service.watch import RedisWatch
 from worker.jobstore import NOW, REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, Published, failure, utc_now
 from worker.queue import TRAIN_TASK, TRAINING_QUEUE
@@ -31,6 +32,8 @@ ENQUEUE_TIMEOUT_SECONDS = 5.0
 ENQUEUE_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 SSE_POLL_SECONDS = 2.0
 SSE_HEARTBEAT_SECONDS = 15.0
+#: Sent before a stream ends at its time limit: EventSource reconnects after this many milliseconds.
+SSE_RECONNECT_MS = 1000
 #: A cancel re-reads the status this many times when it moves underneath (queued -> running).
 CANCEL_ATTEMPTS = 5
 
@@ -39,7 +42,9 @@ class JobService:
     """Jobs as the API sees them, over the job store and the Celery broker."""
 
     def __init__(self, store: AsyncJobStore, celery: Celery, lost_seconds: float, datasets: DatasetService,
-                 watch: RedisWatch | None = None, published: Published | None = None) -> None:
+                 watch: RedisWatch | None = None, published: Published | None = None, *,
+                 feed: ChangeFeed | None = None, max_streams: int = 64,
+                 stream_max_seconds: float | None = None) -> None:
         self.store = store
         self.celery = celery
         self._lost_seconds = lost_seconds
@@ -48,6 +53,10 @@ class JobService:
         self.watch = watch or RedisWatch(lost_seconds)
         #: Finds a model a lost job's worker had published (its metadata), so that job is recorded `succeeded`.
         self.published = published
+        #: One pub/sub subscription for every event stream (None: each stream subscribes on the store's client).
+        self.feed = feed
+        self._streams = StreamSlots(max_streams)
+        self._stream_max_seconds = stream_max_seconds
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Record a queued job and send its task; returns the job and whether it is new (False: the job an
@@ -161,12 +170,27 @@ class JobService:
         except Exception as exc:
             log.warning("could not revoke task %s (the worker will still skip it): %s", job_id, exc)
 
+    async def open_events(self, job_id: str) -> EventStream:
+        """An event stream of the job (`events`) in one of the `TL_MAX_EVENT_STREAMS` slots: 429 when none is
+        free, 404 for an unknown job. Whoever sends it calls its `release` when it ends."""
+        release = self._streams.take()
+        try:
+            job = await self.get(job_id)
+        except BaseException:
+            release()
+            raise
+        return EventStream(self.events(job, max_seconds=self._stream_max_seconds), release)
+
     async def events(self, first: Job, *, poll_seconds: float = SSE_POLL_SECONDS,
-                     heartbeat_seconds: float = SSE_HEARTBEAT_SECONDS) -> AsyncIterator[bytes]:
+                     heartbeat_seconds: float = SSE_HEARTBEAT_SECONDS,
+                     max_seconds: float | None = None) -> AsyncIterator[bytes]:
         """Server-Sent Events: the job now, then again on every change of status, stage or epoch (pub/sub
-        notice, or a poll as fallback), until it ends; a comment line keeps an idle stream open."""
+        notice, or a poll as fallback), until it ends; a comment line keeps an idle stream open. After
+        `max_seconds` the stream ends with a `retry:` field (the client reconnects and gets the job anew)."""
         job_id = first.id
-        async with self.store.changes(job_id) as changes:
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        watch = self.feed.watch(job_id) if self.feed is not None else self.store.changes(job_id)
+        async with watch as changes:
             job = first
             if changes.subscribed:
                 try:  # read after subscribing: no change falls in between
@@ -176,7 +200,15 @@ class JobService:
             yield _sse(job)
             last, last_sent = _change_key(job), time.monotonic()
             while job.status not in TERMINAL:
-                await changes.wait(max(0.05, min(poll_seconds, heartbeat_seconds - (time.monotonic() - last_sent))))
+                wait = min(poll_seconds, heartbeat_seconds - (time.monotonic() - last_sent))
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        yield (f": open for {max_seconds:g} s, the most a stream stays (TL_EVENT_STREAM_MAX_SECONDS); "
+                               f"reconnect to follow on\nretry: {SSE_RECONNECT_MS}\n\n").encode()
+                        return
+                    wait = min(wait, left)
+                await changes.wait(max(0.05, wait))
                 try:
                     current = await self.store.get(job_id)
                 except REDIS_ERRORS:

@@ -24,6 +24,7 @@ from redis.backoff import ExponentialBackoff
 from service.datasets import DatasetService
 from service.deps import Services
 from service.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
+from service.events import ChangeFeed
 from service.housekeeping import WorkerCensus, reaper_interval, run_reaper
 from service.jobs import JobService
 from service.metrics import MetricsMiddleware, ServiceMetrics
@@ -50,16 +51,21 @@ DESCRIPTION = (
 #: Job endpoints must answer 503 quickly when Redis is down, then recover by themselves.
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
 REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
+#: The main pool's size, and how long a request waits for a free connection before its 503: no burst of
+#: requests makes redis-py raise "Too many connections" at once (event streams hold none: `ChangeFeed`).
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_SECONDS = 3.0
 SHUTDOWN_STEP_SECONDS = 5.0
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """The API's Redis client: short timeouts, one quick retry, reconnects on its own."""
-    return aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=True,
+def redis_client(settings: Settings, *, pool_size: int = REDIS_POOL_SIZE) -> aioredis.Redis:
+    """The API's Redis client: short timeouts, one quick retry, reconnects on its own; a bounded pool that
+    makes a request wait a moment for a free connection rather than fail."""
+    return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, decode_responses=True, max_connections=pool_size, timeout=REDIS_POOL_WAIT_SECONDS,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS, socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1), health_check_interval=15,
-    )
+    ))
 
 
 def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
@@ -73,7 +79,10 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
     celery = make_celery(settings)
     job_store = AsyncJobStore(redis_client(settings), settings.job_ttl_seconds)
     datasets = DatasetService(DatasetStore(settings.artifact_dir), job_store, celery, settings.job_lost_seconds)
-    jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets, published=store.metadata)
+    # The event streams' one pub/sub connection lives on a client of its own: it never takes from the main pool.
+    feed = ChangeFeed(redis_client(settings, pool_size=2))
+    jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets, published=store.metadata, feed=feed,
+                      max_streams=settings.max_event_streams, stream_max_seconds=settings.event_stream_max_seconds)
     return Services(settings=settings, jobs=jobs, datasets=datasets, registry=ModelRegistry(store, cache), cache=cache,
                     celery=celery, metrics=metrics, workers=WorkerCensus(celery), executor=executor)
 
@@ -105,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("the reaper did not stop in time; cancelled")
             services.cache.clear()
             services.executor.shutdown(wait=False, cancel_futures=True)
+            if services.jobs.feed is not None:
+                await services.jobs.feed.close()
             with suppress(TimeoutError):
                 await asyncio.wait_for(services.jobs.store.close(), SHUTDOWN_STEP_SECONDS)
             services.celery.close()

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(False, description="mixed_float16 training on a GPU")
     deterministic: bool = Field(True, description="Keras deterministic ops (reproducible runs)")
     log_level: str = Field("INFO", description="logging level of every process")
+    max_event_streams: int = Field(64, ge=1, le=100_000,
+                                   description="open /v1/jobs/{id}/events streams per API process; more answer 429")
+    event_stream_max_seconds: float = Field(600.0, gt=0, description="an events stream ends after this long (with "
+                                                                     "`retry:`; EventSource reconnects by itself)")
     allowed_hosts: str = Field(
         "localhost,127.0.0.1,::1",
         description="Host names the API answers to, comma-separated (`*`: any; `.example.com`: it and its "

@@ -6,14 +6,32 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.deps import JobServiceDep, require_json
 from service.errors import problem_responses
+from service.events import EventStream
 from service.schemas import JOB_EXAMPLE, JobList
 from worker.jobstore import Job, JobStatus
 from worker.spec import JobCreate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream` of one `EventStream`; its slot is released however the response ends (the job
+    ended, the time limit, the client went away, an error)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(stream, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.release()
 
 _JOB_RESPONSE: dict[str, Any] = {"content": {"application/json": {"example": JOB_EXAMPLE}}}
 
@@ -74,13 +92,13 @@ async def cancel_job(job_id: str, jobs: JobServiceDep) -> Job:
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={200: {"description": "`event: job` with the Job JSON on every change of status, stage or epoch; "
-                                    "closed after the terminal state",
+                                    "closed after the terminal state, or after TL_EVENT_STREAM_MAX_SECONDS with "
+                                    "a `retry:` field (EventSource reconnects); 429 beyond TL_MAX_EVENT_STREAMS "
+                                    "open streams",
                      "content": {"text/event-stream": {"schema": {"type": "string"},
                                                        "example": "event: job\ndata: {\"id\": \"j_…\", …}\n\n"}}},
-               **problem_responses(401, 404, 503)},
+               **problem_responses(401, 404, 429, 503)},
 )
 async def stream_job_events(job_id: str, jobs: JobServiceDep) -> StreamingResponse:
     """Follow a job as Server-Sent Events until it ends."""
-    job = await jobs.get(job_id)
-    return StreamingResponse(jobs.events(job), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStreamResponse(await jobs.open_events(job_id))

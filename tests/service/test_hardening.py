@@ -249,3 +249,82 @@ def test_inference_protocols_take_a_body_without_content_type(client: TestClient
     # tritonclient.http and requests.post(url, data=json_text) send none; these routes read it as JSON.
     response = client.post(path, content=b'{"inputs": []}')
     assert response.status_code == 404, response.text  # no such model (not a 415)
+
+
+# ----- 1. event streams: capped, time-limited, and never starving the Redis pool -----
+
+
+def open_stream(base_url: str, path: str, timeout: float = 20.0) -> tuple[socket.socket, int, bytes]:
+    """A raw `GET path` kept open: the socket, the status, and what came up to the first event (or the body)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    seen = b""
+
+    def complete() -> bool:
+        head, found, body = seen.partition(b"\r\n\r\n")
+        if not found:
+            return False
+        if head.startswith(b"HTTP/1.1 200"):
+            return b"event: job" in body
+        length = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        return len(body) >= int(length[0]) if length else False
+
+    while not complete():
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        seen += chunk
+    return sock, int(seen.split(b" ", 2)[1]), seen
+
+
+@pytest.mark.timeout(180)
+def test_more_streams_than_the_cap_get_429_and_ordinary_requests_keep_answering(
+        live_api: Callable[..., LiveAPI]) -> None:
+    cap = 110  # above redis-py's default pool of 100 connections, which one connection per stream exhausted
+    api = live_api({"TL_MAX_EVENT_STREAMS": str(cap)})
+    job_id = httpx.post(f"{api.base_url}/v1/jobs", json=JOB).json()["id"]  # stays queued: no worker here
+    streams: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            sock, status, seen = open_stream(api.base_url, f"/v1/jobs/{job_id}/events")
+            streams.append(sock)
+            assert status == 200, seen
+        extra, status, seen = open_stream(api.base_url, f"/v1/jobs/{job_id}/events")
+        extra.close()
+        assert status == 429, seen
+        head, _, body = seen.partition(b"\r\n\r\n")
+        assert b"retry-after: 5" in head.lower() and b"application/problem+json" in head.lower()
+        assert b"TL_MAX_EVENT_STREAMS" in body
+        with httpx.Client(base_url=api.base_url, timeout=10) as client:
+            for _ in range(3):
+                assert client.get("/v1/jobs").status_code == 200
+                assert client.get("/readyz").status_code == 200
+                assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+            assert client.post("/v1/jobs", json=JOB).status_code == 202
+    finally:
+        for sock in streams:
+            sock.close()
+    deadline = time.monotonic() + 30  # the closed streams give their slots back
+    while True:
+        sock, status, _ = open_stream(api.base_url, f"/v1/jobs/{job_id}/events")
+        sock.close()
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_ends_after_its_time_limit_with_a_retry(redis_url: str, artifact_dir: Path,
+                                                         app_client: Callable[[Settings], TestClient]) -> None:
+    client = app_client(make_settings(redis_url, artifact_dir, event_stream_max_seconds=1.0))
+    job_id = client.post("/v1/jobs", json=JOB).json()["id"]
+    started = time.monotonic()
+    response = client.get(f"/v1/jobs/{job_id}/events")  # queued for ever: only the time limit ends it
+    assert response.status_code == 200
+    assert time.monotonic() - started < 20
+    assert response.text.startswith("event: job\ndata: ")
+    assert "TL_EVENT_STREAM_MAX_SECONDS" in response.text and response.text.endswith("retry: 1000\n\n")
+    services = client.app.state.services  # type: ignore[attr-defined]
+    assert services.jobs._streams.open == 0  # its slot was given back
