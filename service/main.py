@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.celery.close()
 
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, lifespan=lifespan, redoc_url=None,
+                  generate_unique_id_function=operation_id,
                   openapi_tags=[
                       {"name": "jobs", "description": "training jobs"},
                       {"name": "datasets", "description": "upload your own labelled images"},
@@ -148,6 +150,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """The OpenAPI operationId of a route: its function's name in camelCase, `read_*` as `get*`
+    (`create_job` -> `createJob`, `read_model` -> `getModel`), the names generated clients give their methods."""
+    words = route.name.split("_")
+    if words[0] == "read":
+        words[0] = "get"
+    return words[0] + "".join(word.capitalize() for word in words[1:])
 
 
 def _polish_openapi(schema: dict[str, Any]) -> dict[str, Any]:

@@ -25,14 +25,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from worker.spec import JobCreate
+from worker.spec import JobCreate, JobSpec
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 Stage = Literal[
@@ -136,12 +138,29 @@ class JobError(BaseModel):
     message: str
 
 
+class DocumentedAs:
+    """`Annotated` metadata: the field's JSON schema is `model`'s (a reference to it), its value stays as it is."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # Through the generator's own entry point, so the model becomes a shared definition (a `$ref`) rather
+        # than a copy; `handler(...)` alone would inline it.
+        generator = getattr(handler, "generate_json_schema", None)
+        if generator is not None:
+            return generator.generate_inner(self.model.__pydantic_core_schema__)
+        return handler(self.model.__pydantic_core_schema__)
+
+
 class Job(BaseModel):
     """A job as the API shows it (shared/API.md's Job object)."""
 
     id: str
     status: JobStatus
-    spec: dict[str, Any]
+    # A dict at run time (the runner validates it as a JobCreate, and a damaged record must still load),
+    # documented as the `JobSpec` it holds.
+    spec: Annotated[dict[str, Any], DocumentedAs(JobSpec)]
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None

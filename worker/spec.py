@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import copy
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 from pydantic import (
     AfterValidator,
@@ -11,9 +13,11 @@ from pydantic import (
     Field,
     ValidationInfo,
     WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 ModelKind = Literal["baseline", "transfer"]
 Augmentation = Literal["flip", "rotate", "zoom", "translate", "contrast"]
@@ -29,8 +33,10 @@ def _known_alpha(value: float) -> float:
     return value
 
 
-# A float restricted to MobileNetV2's published widths (`Literal` cannot hold floats for type checkers).
-Alpha = Annotated[float, AfterValidator(_known_alpha), WithJsonSchema({"type": "number", "enum": list(ALPHAS)})]
+# A float restricted to MobileNetV2's published widths (`Literal` cannot hold floats for type checkers). Its
+# schema gives the range and lists the widths as examples: client generators refuse an enum of numbers.
+Alpha = Annotated[float, AfterValidator(_known_alpha), WithJsonSchema(
+    {"type": "number", "minimum": ALPHAS[0], "maximum": ALPHAS[-1], "examples": list(ALPHAS)})]
 
 CLASS_NAMES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -43,18 +49,23 @@ TRANSFER_FIELDS: tuple[str, ...] = (
 )
 
 
+def _document_job_create(schema: dict[str, Any]) -> None:
+    """JobCreate's JSON schema: examples, and no `default` on the transfer-only fields (said in their description
+    instead), so a generated client leaves them out of a baseline job, which may not set them."""
+    schema["examples"] = [
+        {"model": "transfer", "train_samples": 5000, "test_samples": 1000, "epochs": 10, "seed": 42},
+        {"model": "baseline", "epochs": 10, "batch_size": 32, "name": "cnn-from-scratch"},
+    ]
+    for name in TRANSFER_FIELDS:
+        field = schema["properties"][name]
+        if "default" in field:
+            field["description"] = f"{field.get('description', '')}; default {json.dumps(field.pop('default'))}"
+
+
 class JobCreate(BaseModel):
     """A training job request. Unknown fields are refused; defaults reproduce the reference experiment."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"model": "transfer", "train_samples": 5000, "test_samples": 1000, "epochs": 10, "seed": 42},
-                {"model": "baseline", "epochs": 10, "batch_size": 32, "name": "cnn-from-scratch"},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _document_job_create(schema))
 
     model: ModelKind = Field(description="small CNN from scratch, or ImageNet MobileNetV2 base + new head")
     dataset: str = Field(CIFAR10, pattern=r"^[A-Za-z0-9_-]{1,64}$",
@@ -70,7 +81,8 @@ class JobCreate(BaseModel):
     seed: int = Field(42, ge=0, le=2**31 - 1, description="same seed + spec -> same subset and initial weights")
     name: str | None = Field(None, max_length=64, description="label for the resulting model")
     image_size: int = Field(96, ge=32, le=224, description="transfer only: 32x32 input resized to this")
-    alpha: Alpha = Field(1.0, description="transfer only: MobileNetV2 width multiplier")
+    alpha: Alpha = Field(1.0, description="transfer only: MobileNetV2 width multiplier, one of "
+                                       + ", ".join(map(str, ALPHAS)))
     dropout: float = Field(0.5, ge=0, le=0.9, description="transfer only")
     dense_units: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [128, 64], min_length=0, max_length=4,
@@ -127,3 +139,34 @@ class JobCreate(BaseModel):
             for field in TRANSFER_FIELDS:
                 data.pop(field, None)
         return data
+
+
+def _optional_transfer_field(info: FieldInfo) -> tuple[Any, FieldInfo]:
+    """A transfer-only field of `JobCreate` as a recorded spec holds it: absent (None, left out of the JSON) on
+    baseline jobs, with the same constraints otherwise."""
+    field = copy.copy(info)
+    field.default = None
+    field.default_factory = None
+    field.exclude_if = _is_none
+    return Optional[info.annotation], field  # noqa: UP045 (the annotation is only known at run time)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+if TYPE_CHECKING:
+    class JobSpec(BaseModel):
+        """(Built from `JobCreate` below; for type checkers, a model with extra fields.)"""
+
+        model_config = ConfigDict(extra="allow")
+else:
+    #: A job's spec as recorded and shown (Job `spec`, Model `spec`): `JobCreate`'s fields with every default
+    #: filled in, the transfer-only ones on transfer jobs only, fields of other versions kept as they are.
+    JobSpec = create_model(
+        "JobSpec",
+        __config__=ConfigDict(extra="allow"),
+        __doc__="The job request as recorded: every default filled in, transfer-only fields on transfer jobs only.",
+        **{name: (_optional_transfer_field(info) if name in TRANSFER_FIELDS else (info.annotation, copy.copy(info)))
+           for name, info in JobCreate.model_fields.items()},
+    )

@@ -70,22 +70,73 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("/v1/datasets", "post"), ("/v1/datasets", "get"), ("/v1/datasets/{dataset_id}", "get"),
         ("/v1/datasets/{dataset_id}", "delete"), ("/v1/datasets/{dataset_id}/preview.png", "get"),
         ("/metrics", "get"),
+        ("/v2/health/live", "get"), ("/v2/health/ready", "get"), ("/v2", "get"), ("/v2/models/{name}", "get"),
+        ("/v2/models/{name}/versions/{model_id}", "get"), ("/v2/models/{name}/ready", "get"),
+        ("/v2/models/{name}/versions/{model_id}/ready", "get"), ("/v2/models/{name}/infer", "post"),
+        ("/v2/models/{name}/versions/{model_id}/infer", "post"), ("/v1/models/{name}:predict", "post"),
+        ("/v1/models/{name}/versions/{model_id}:predict", "post"),
     }
     found = {(path, method) for path, ops in schema["paths"].items() for method in ops}
     assert found == expected
     for path, ops in schema["paths"].items():
+        protocol = path.startswith("/v2") or path.endswith(":predict")  # errors are the protocols' {"error"}
         for method, op in ops.items():
             assert op.get("summary") and op.get("description"), (path, method)
             success = [code for code in op["responses"] if code.startswith("2")]
             assert success, (path, method)
             for code, response in op["responses"].items():
-                if code[0] in "45" and code != "503" or (code == "503" and path != "/readyz"):
+                if protocol and code[0] in "45":
+                    assert response["content"] == {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/ProtocolError"}}}, (path, method, code)
+                elif code[0] in "45" and code != "503" or (code == "503" and path != "/readyz"):
                     assert list(response["content"]) == ["application/problem+json"], (path, method, code)
-            if path.startswith("/v1"):
+            if path.startswith("/v1") or (path.startswith("/v2") and not path.startswith("/v2/health/")):
                 assert {"bearerAuth": []} in op["security"]
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     assert {"type", "title", "status", "detail", "errors"} <= set(schema["components"]["schemas"]["Problem"]
                                                                    ["properties"])
+
+
+def test_every_operation_has_a_camel_case_operation_id(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    ids = {(path, method): op["operationId"] for path, ops in schema["paths"].items() for method, op in ops.items()}
+    assert len(set(ids.values())) == len(ids)
+    assert all(re.fullmatch(r"[a-z]+(?:[A-Z][a-z0-9]*)*", op_id) for op_id in ids.values()), ids
+    assert {ids[("/v1/jobs", "post")], ids[("/v1/jobs", "get")], ids[("/v1/jobs/{job_id}", "get")],
+            ids[("/v1/jobs/{job_id}/cancel", "post")], ids[("/v1/jobs/{job_id}/events", "get")],
+            ids[("/v1/models", "get")], ids[("/v1/models/{ref}", "get")], ids[("/v1/models/{model_id}", "delete")],
+            ids[("/v2/models/{name}/infer", "post")]} == {
+        "createJob", "listJobs", "getJob", "cancelJob", "streamJobEvents", "listModels", "getModel", "deleteModel",
+        "inferModel"}
+
+
+def _free_form(schema: dict[str, object]) -> bool:
+    """A schema that says nothing about its value (`Any`), or an object that says nothing about its fields
+    (`dict[str, Any]`)."""
+    if not set(schema) - {"title", "description", "default", "examples"}:
+        return True
+    if schema.get("type") != "object" or "properties" in schema:
+        return False
+    extra = schema.get("additionalProperties", True)
+    return extra is True or extra == {}
+
+
+def test_jobs_and_models_have_typed_spec_metrics_dataset_and_exports(client: TestClient) -> None:
+    components = client.get("/openapi.json").json()["components"]["schemas"]
+    for model, field in [("Job", "spec"), ("Job", "metrics"), ("ModelInfo", "spec"), ("ModelInfo", "metrics"),
+                         ("ModelInfo", "dataset")]:
+        prop = components[model]["properties"][field]
+        refs = [prop.get("$ref")] + [alt.get("$ref") for alt in prop.get("anyOf", [])]
+        assert any(refs), (model, field, prop)
+    assert components["JobSpec"]["properties"]["epochs"]["type"] == "integer"
+    assert {"test_accuracy", "per_class", "confusion_matrix"} <= set(components["Metrics"]["properties"])
+    for model in ("Job", "ModelInfo"):  # `exports` too, once models have them: no free-form objects
+        for field, prop in components[model]["properties"].items():
+            assert not _free_form(prop), (model, field, prop)
+            for alt in prop.get("anyOf", []):
+                assert not _free_form(alt), (model, field, prop)
+            if prop.get("type") == "object" and isinstance(prop.get("additionalProperties"), dict):
+                assert not _free_form(prop["additionalProperties"]) and prop["additionalProperties"], (model, field)
 
 
 def test_openapi_has_examples_for_job_creation_and_predict(client: TestClient) -> None:

@@ -38,9 +38,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.errors import ArtifactWriteError
+from worker.jobstore import Metrics
+from worker.spec import JobSpec
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -76,6 +78,16 @@ class ModelGone(LookupError):
         self.model_id = model_id
 
 
+class DatasetRef(BaseModel):
+    """The dataset a model was trained on: its id (`cifar10` or an uploaded dataset's), name and content hash."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str | None = None
+    sha256: str | None = None
+
+
 class ModelInfo(BaseModel):
     """The Model object of shared/API.md (aliases filled in by the store)."""
 
@@ -86,10 +98,10 @@ class ModelInfo(BaseModel):
     created_at: str
     classes: list[str]
     input_shape: list[int] = Field(default_factory=lambda: [32, 32, 3])
-    dataset: dict[str, Any] = Field(default_factory=lambda: dict(CIFAR10_REF),
-                                    description="the dataset it was trained on: id, name, sha256")
-    spec: dict[str, Any]
-    metrics: dict[str, Any]
+    dataset: DatasetRef = Field(default_factory=lambda: DatasetRef.model_validate(CIFAR10_REF),
+                                description="the dataset it was trained on")
+    spec: JobSpec = Field(description="the spec of the job that trained it")
+    metrics: Metrics = Field(description="as in the job")
     aliases: list[str] = Field(default_factory=list)
 
 
