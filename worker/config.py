@@ -13,6 +13,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+#: The exports `TL_EXPORTS` may ask for (model.keras and the served float32 model.tflite are always made).
+EXTRA_EXPORTS = ("tflite-float16", "tflite-int8", "savedmodel")
+
+
 class Settings(BaseSettings):
     """Every `TL_*` variable the service reads; see the README's configuration table."""
 
@@ -43,6 +47,9 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(False, description="mixed_float16 training on a GPU")
     deterministic: bool = Field(True, description="Keras deterministic ops (reproducible runs)")
     log_level: str = Field("INFO", description="logging level of every process")
+    exports: str = Field("tflite-float16,tflite-int8,savedmodel", description=(
+        "exports made after training besides model.keras and model.tflite, comma-separated: tflite-float16, "
+        "tflite-int8, savedmodel (each checked against the Keras model; empty: none)"))
     max_event_streams: int = Field(64, ge=1, le=100_000,
                                    description="open /v1/jobs/{id}/events streams per API process; more answer 429")
     event_stream_max_seconds: float = Field(600.0, gt=0, description="an events stream ends after this long (with "
@@ -75,6 +82,20 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"not a host name: {bad[0]!r} (give names, no scheme or path, separated by commas)")
         return ",".join(names)
+
+    @field_validator("exports")
+    @classmethod
+    def _known_exports(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(EXTRA_EXPORTS))
+        if unknown:
+            raise ValueError(f"unknown export(s) {', '.join(unknown)}; choose from {', '.join(EXTRA_EXPORTS)}")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def export_formats(self) -> list[str]:
+        """The extra export formats to make, in order."""
+        return [name for name in self.exports.split(",") if name]
 
     @field_validator("log_level")
     @classmethod

@@ -37,6 +37,9 @@ class LiteRTInterpreter:
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in self._input["shape_signature"][1:])
         self.input_dtype = np.dtype(self._input["dtype"])
+        scale, zero_point = self._input.get("quantization", (0.0, 0))
+        #: An integer input's quantization (real = scale * (q - zero_point)); None for float inputs.
+        self.input_quantization = (float(scale), int(zero_point)) if self.input_dtype.kind in "iu" and scale else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's first output for a batch (N, *input_shape), as float32."""
@@ -45,9 +48,19 @@ class LiteRTInterpreter:
             self._interpreter.resize_tensor_input(self._input["index"], [n, *batch.shape[1:]])
             self._interpreter.allocate_tensors()
             self.batch = n
-        self._interpreter.set_tensor(self._input["index"], np.ascontiguousarray(batch, dtype=self.input_dtype))
+        self._interpreter.set_tensor(self._input["index"], self._prepared(batch))
         self._interpreter.invoke()
         return np.array(self._interpreter.get_tensor(self._output["index"]), dtype=np.float32)
+
+    def _prepared(self, batch: np.ndarray) -> np.ndarray:
+        """The batch in the input's dtype: quantized for an integer input (the identity for raw pixels at
+        scale 1, zero point 0), as is otherwise."""
+        if self.input_quantization is None or self.input_quantization == (1.0, 0):
+            return np.ascontiguousarray(batch, dtype=self.input_dtype)
+        scale, zero_point = self.input_quantization
+        info = np.iinfo(self.input_dtype)
+        quantized = np.rint(np.asarray(batch, dtype=np.float32) / scale + zero_point)
+        return np.ascontiguousarray(np.clip(quantized, info.min, info.max), dtype=self.input_dtype)
 
 
 def run_batches(model: Path | bytes, images: np.ndarray, *, batch_size: int, threads: int | None = None,

@@ -18,8 +18,7 @@ from service.schemas import Alias, AliasList, AliasSet, ModelList
 from worker.store import (
     CONFUSION_FILE,
     CURVES_FILE,
-    KERAS_FILE,
-    TFLITE_FILE,
+    EXPORT_FILES,
     ModelInfo,
 )
 
@@ -56,24 +55,33 @@ def _file_response(path: Any, media_type: str, filename: str | None = None) -> F
     return FileResponse(path, media_type=media_type, filename=filename, stat_result=stat)
 
 
+ExportFormat = Literal["keras", "tflite", "tflite-float16", "tflite-int8", "savedmodel"]
+_FORMAT_NAMES = {"keras": "a saved Keras model", "tflite": "a TensorFlow Lite export",
+                 "tflite-float16": "a float16 TensorFlow Lite export", "tflite-int8": "an int8 TensorFlow Lite export",
+                 "savedmodel": "a SavedModel export"}
+
+
 @router.get(
     "/models/{ref}/weights",
     response_class=FileResponse,
-    responses={200: {"description": "the `.keras` file (or the `.tflite` export with `?format=tflite`)",
-                     "content": {"application/octet-stream": _BINARY}},
+    responses={200: {"description": "the `.keras` file, or the export named by `?format=` (the Model's `exports` "
+                                    "lists what it offers)",
+                     "content": {"application/octet-stream": _BINARY, "application/gzip": _BINARY}},
                **problem_responses(401, 404, 422, 503)},
 )
 async def download_weights(
     ref: str,
     registry: RegistryDep,
-    format: Annotated[Literal["keras", "tflite"], Query(description="`keras` (default) or `tflite`")] = "keras",
+    format: Annotated[ExportFormat, Query(description="`keras` (default), `tflite`, `tflite-float16`, "
+                                                      "`tflite-int8` or `savedmodel` (a .tar.gz)")] = "keras",
 ) -> FileResponse:
-    """Download the saved Keras model, or its TensorFlow Lite export for phones and edge devices."""
-    name = TFLITE_FILE if format == "tflite" else KERAS_FILE
-    what = "a TensorFlow Lite export" if format == "tflite" else "a saved Keras model"
-    model_id, path = await registry.file(ref, name, what)
-    suffix = name.rsplit(".", 1)[1]
-    return await run_in_threadpool(_file_response, path, "application/octet-stream", f"{model_id}.{suffix}")
+    """Download the saved Keras model, or one of its exports for phones, edge devices and model servers."""
+    name = EXPORT_FILES[format]
+    model_id, path = await registry.file(ref, name, _FORMAT_NAMES[format])
+    suffix = name.split(".", 1)[1]
+    media = "application/gzip" if suffix == "tar.gz" else "application/octet-stream"
+    filename = f"{model_id}-{format}.{suffix}" if format not in ("keras", "tflite") else f"{model_id}.{suffix}"
+    return await run_in_threadpool(_file_response, path, media, filename)
 
 
 @router.get(

@@ -111,6 +111,8 @@ class Stack:
             "TL_JOB_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
             "TL_JOB_LOST_SECONDS": str(LOST_SECONDS),
             "TL_LOG_LEVEL": "INFO",
+            # Quantized and SavedModel exports cost a transfer job tens of seconds; the engine's tests check them.
+            "TL_EXPORTS": "",
             "PYTHONUNBUFFERED": "1",
         })
         weights = testkit.weights_dir()

@@ -38,13 +38,17 @@ def test_models_are_listed_newest_first_with_the_api_fields(client: TestClient, 
     assert [m["id"] for m in items] == [NEW, OLD]
     model = items[0]
     assert set(model) == {"id", "name", "kind", "job_id", "created_at", "classes", "input_shape", "dataset", "spec",
-                          "metrics", "aliases"}
+                          "metrics", "aliases", "exports", "export_failures"}
+    assert {"keras", "tflite"} <= set(model["exports"]) and model["exports"]["tflite"]["bytes"] > 0
+    assert set(model["exports"]) | set(model["export_failures"]) == {"keras", "tflite", "tflite-float16",
+                                                                     "tflite-int8", "savedmodel"}
     assert model["dataset"]["id"] == "cifar10" and model["dataset"]["name"] == "CIFAR-10"
     assert model["name"] == "new" and model["kind"] == "baseline" and model["job_id"] == "j_servicetests"
     assert model["classes"] == list(CLASS_NAMES) and model["input_shape"] == [32, 32, 3]
     assert model["spec"]["model"] == "baseline" and model["spec"]["epochs"] == 6
     assert set(model["metrics"]) == {"train_accuracy", "test_accuracy", "test_loss", "params_total",
-                                     "params_trainable", "params_non_trainable", "train_seconds"}
+                                     "params_trainable", "params_non_trainable", "train_seconds", "macro_f1",
+                                     "per_class", "confusion_matrix"}
     assert model["aliases"] == []
 
 

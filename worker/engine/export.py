@@ -303,7 +303,7 @@ def _parse_template(raw: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, directory: Path, *,
-                  template: ExportTemplate | None = None) -> dict[str, Any]:
+                  template: ExportTemplate | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
     """Convert, check against `keras_probs` on `images`, write model.tflite if it passes; the check's record.
 
     With a `template`, the model is first made by patching the key's stored conversion (`TfliteTemplates`)
@@ -315,7 +315,7 @@ def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, direc
     record: dict[str, Any] = {"format": "tflite", "file": None, "dtype": "float32", "check_images": len(images),
                               "min_top1_agreement": MIN_TOP1_AGREEMENT, "max_prob_diff_allowed": MAX_PROB_DIFF}
     if template is not None:
-        content = _patch_and_check(template, model, images, keras_probs, record)
+        content = _patch_and_check(template, model, images, keras_probs, record, labels)
         if content is not None:
             return _write_tflite(content, directory, record)
     started = time.perf_counter()
@@ -323,7 +323,7 @@ def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, direc
         content, how = convert_tflite(model)
         record["conversion"] = how
         record["convert_seconds"] = round(time.perf_counter() - started, 3)
-        record.update(_check(content, images, keras_probs))
+        record.update(_check(content, images, keras_probs, labels))
     except Exception as exc:  # an export problem must not fail the training job: record it, ship no .tflite
         log.warning("TFLite export failed: %s: %s", type(exc).__name__, exc)
         record.update(passed=False, reason=f"conversion or inference failed: {type(exc).__name__}: {exc}")
@@ -337,14 +337,18 @@ def export_tflite(model: Any, images: np.ndarray, keras_probs: np.ndarray, direc
     return _write_tflite(content, directory, record)
 
 
-def _check(content: bytes, images: np.ndarray, keras_probs: np.ndarray) -> dict[str, Any]:
+def _check(content: bytes, images: np.ndarray, keras_probs: np.ndarray,
+           labels: np.ndarray | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     probs = run_batches(content, images, batch_size=CHECK_BATCH)
     seconds = round(time.perf_counter() - started, 3)
     agreement = float(np.mean(probs.argmax(axis=1) == keras_probs.argmax(axis=1)))
     max_diff = float(np.max(np.abs(probs - keras_probs)))
     passed = bool(agreement >= MIN_TOP1_AGREEMENT and max_diff <= MAX_PROB_DIFF)
-    return {"check_seconds": seconds, "top1_agreement": agreement, "max_prob_diff": max_diff, "passed": passed}
+    check = {"check_seconds": seconds, "top1_agreement": agreement, "max_prob_diff": max_diff, "passed": passed}
+    if labels is not None:
+        check["test_accuracy"] = float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
+    return check
 
 
 def _disagreement(check: dict[str, Any]) -> str:
@@ -361,7 +365,7 @@ def _write_tflite(content: bytes, directory: Path, record: dict[str, Any]) -> di
 
 
 def _patch_and_check(template: ExportTemplate, model: Any, images: np.ndarray, keras_probs: np.ndarray,
-                     record: dict[str, Any]) -> bytes | None:
+                     record: dict[str, Any], labels: np.ndarray | None = None) -> bytes | None:
     """The model patched from the key's template if that passes the check (filling `record`), else None."""
     templates, key, layers = TfliteTemplates(template.directory), template.key, template.patch_layers
     started = time.perf_counter()
@@ -380,7 +384,7 @@ def _patch_and_check(template: ExportTemplate, model: Any, images: np.ndarray, k
         return None
     patch_seconds = round(time.perf_counter() - started, 3)
     try:
-        check = _check(content, images, keras_probs)
+        check = _check(content, images, keras_probs, labels)
         reason = None if check["passed"] else _disagreement(check)
     except Exception as exc:  # a patched flatbuffer LiteRT cannot run: convert instead
         reason = f"inference failed: {type(exc).__name__}: {exc}"

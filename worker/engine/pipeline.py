@@ -43,7 +43,7 @@ from worker.errors import ArtifactWriteError, JobCancelled, TrainingDiverged
 from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.store import CONFUSION_FILE, CURVES_FILE, METADATA_FILE, ModelStore, write_json_atomic
+from worker.store import CONFUSION_FILE, CURVES_FILE, KERAS_FILE, METADATA_FILE, ModelStore, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -459,14 +459,21 @@ def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, te
                        evaluation: Evaluation) -> dict[str, Any]:
     """model.keras, model.tflite (when its check passes), curves.png and confusion.png; returns the export record."""
     from worker.engine.export import export_tflite, save_keras
+    from worker.engine.exports import CALIBRATION_IMAGES, export_extra
     from worker.engine.plots import plot_curves
 
-    spec, progress = job.spec, job.progress
+    spec, progress, data = job.spec, job.progress, job.data
     save_keras(trained.model, staging)
-    progress.within(0.2)
-    export = export_tflite(trained.model, job.data.x_test, trained.test_probs, staging,
-                           template=_export_template(job))
-    progress.within(0.8)
+    progress.within(0.1)
+    export = export_tflite(trained.model, data.x_test, trained.test_probs, staging,
+                           template=_export_template(job), labels=data.y_test)
+    progress.within(0.3)
+    formats = job.settings.export_formats
+    if formats:
+        export["extra"] = export_extra(trained.model, formats, staging, calibration=data.x_train[:CALIBRATION_IMAGES],
+                                       images=data.x_test, labels=data.y_test, keras_probs=trained.test_probs,
+                                       progress=lambda f: progress.within(0.3 + 0.55 * f))
+    progress.within(0.85)
     plot_curves(trained.history, spec.model, test_accuracy, staging / CURVES_FILE,
                 fine_tune_from=spec.epochs + 1 if spec.fine_tuning else None)
     plot_confusion(evaluation, job.data.classes, staging / CONFUSION_FILE, f"{spec.model} model")
@@ -648,6 +655,23 @@ def _train_transfer(job: JobContext) -> TrainedModel:
                                        features=feature_record, fine_tuning=fine_tuning))
 
 
+def _exports_summary(export: dict[str, Any], keras_accuracy: float) -> dict[str, Any]:
+    """The Model object's `exports` (every downloadable format: size, and its check against the Keras model on
+    the test subset) and `export_failures` (why a format is not offered)."""
+    offered: dict[str, Any] = {"keras": {"file": KERAS_FILE, "top1_agreement": 1.0,
+                                         "test_accuracy": round(keras_accuracy, 6)}}
+    failures: dict[str, str] = {}
+    records = {"tflite": export, **export.get("extra", {})}
+    for name, rec in records.items():
+        if rec.get("passed") and rec.get("file"):
+            offered[name] = {"file": rec["file"], "bytes": rec.get("bytes"),
+                             "top1_agreement": round(float(rec["top1_agreement"]), 6),
+                             "test_accuracy": rec.get("test_accuracy")}
+        else:
+            failures[name] = str(rec.get("reason") or "not made")
+    return {"exports": offered, "export_failures": failures}
+
+
 def _metadata(job: JobContext, trained: TrainedModel, record: ModelRecord) -> dict[str, Any]:
     spec, data, runtime = job.spec, job.data, job.runtime
     height, width, channels = data.input_shape
@@ -699,4 +723,5 @@ def _metadata(job: JobContext, trained: TrainedModel, record: ModelRecord) -> di
                     "deterministic_ops": runtime.deterministic},
         "timings": dict(record.timings),
         "export": record.export,
+        **_exports_summary(record.export, record.metrics.test_accuracy),
     }

@@ -8,6 +8,7 @@ from worker.store.local import (
     ALIAS_PATTERN,
     CONFUSION_FILE,
     CURVES_FILE,
+    EXPORT_FILES,
     ID_PATTERN,
     KERAS_FILE,
     METADATA_FILE,
@@ -21,7 +22,7 @@ from worker.store.local import (
 )
 
 __all__ = [
-    "ALIAS_PATTERN", "CONFUSION_FILE", "CURVES_FILE", "ID_PATTERN", "KERAS_FILE", "METADATA_FILE", "RESERVED_ALIASES",
-    "TFLITE_FILE",
+    "ALIAS_PATTERN", "CONFUSION_FILE", "CURVES_FILE", "EXPORT_FILES", "ID_PATTERN", "KERAS_FILE", "METADATA_FILE",
+    "RESERVED_ALIASES", "TFLITE_FILE",
     "ModelInfo", "ModelStore", "valid_id", "write_atomic", "write_json_atomic",
 ]

@@ -88,6 +88,20 @@ class DatasetRef(BaseModel):
     sha256: str | None = None
 
 
+class ExportInfo(BaseModel):
+    """One downloadable format of a model: its file size and its check against the Keras model on the job's test
+    subset (top-1 agreement, and the accuracy the exported file itself reaches)."""
+
+    bytes: int | None = None
+    top1_agreement: float | None = None
+    test_accuracy: float | None = None
+
+
+#: `?format=` of /weights -> the file in the model directory (and the download's suffix).
+EXPORT_FILES: dict[str, str] = {"keras": KERAS_FILE, "tflite": TFLITE_FILE, "tflite-float16": "model-float16.tflite",
+                                "tflite-int8": "model-int8.tflite", "savedmodel": "savedmodel.tar.gz"}
+
+
 class ModelInfo(BaseModel):
     """The Model object of shared/API.md (aliases filled in by the store)."""
 
@@ -103,6 +117,10 @@ class ModelInfo(BaseModel):
     spec: JobSpec = Field(description="the spec of the job that trained it")
     metrics: Metrics = Field(description="as in the job")
     aliases: list[str] = Field(default_factory=list)
+    exports: dict[str, ExportInfo] = Field(default_factory=dict,
+                                           description="every downloadable format (`?format=` of /weights)")
+    export_failures: dict[str, str] = Field(default_factory=dict,
+                                            description="formats the model does not offer, and why")
 
 
 def valid_id(value: str) -> bool:
@@ -401,7 +419,22 @@ def _model_info(meta: dict[str, Any], aliases: list[str]) -> ModelInfo:
         "input_shape": meta.get("input_shape", [32, 32, 3]),
         "dataset": meta.get("dataset") or dict(CIFAR10_REF),
         "aliases": aliases,
+        "exports": _exports(meta),
+        "export_failures": meta.get("export_failures") or {},
     })
+
+
+def _exports(meta: dict[str, Any]) -> dict[str, Any]:
+    """The recorded exports; a model from before they were recorded offers Keras, and TFLite if it passed."""
+    if isinstance(meta.get("exports"), dict):
+        return {name: {k: v for k, v in info.items() if k != "file"} for name, info in meta["exports"].items()
+                if name in EXPORT_FILES and isinstance(info, dict)}
+    offered: dict[str, Any] = {"keras": {}}
+    recorded = meta.get("export")
+    tflite: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    if tflite.get("passed") and tflite.get("file"):
+        offered["tflite"] = {"bytes": tflite.get("bytes"), "top1_agreement": tflite.get("top1_agreement")}
+    return offered
 
 
 def _valid_metadata(model_id: str, path: Path, raw: bytes) -> dict[str, Any] | None:

@@ -69,7 +69,9 @@ def test_a_job_writes_a_complete_model_directory(run: str, request: pytest.Fixtu
                                                  module_settings: Settings) -> None:
     result, _ = request.getfixturevalue(run)
     files = {p.name for p in result.model_dir.iterdir()}
-    assert files == {KERAS_FILE, TFLITE_FILE, METADATA_FILE, CURVES_FILE, CONFUSION_FILE}
+    metadata = json.loads((result.model_dir / METADATA_FILE).read_text())
+    exported = {info["file"] for info in metadata["exports"].values()}
+    assert files == {KERAS_FILE, TFLITE_FILE, METADATA_FILE, CURVES_FILE, CONFUSION_FILE} | exported
     assert (result.model_dir / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (result.model_dir / CONFUSION_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metadata = json.loads((result.model_dir / METADATA_FILE).read_text())
@@ -267,3 +269,36 @@ def test_a_diverged_training_fails_the_job_with_what_to_change() -> None:
     loop = TrainingLoop(model, keras.optimizers.Adam(learning_rate=1.0), 32)
     with pytest.raises(TrainingDiverged, match=r"lower learning_rate \(now 1, e.g. to 0.1\)"):
         _fit(job, loop, x, x, epochs=2)
+
+
+def test_exports_are_checked_and_offered_only_when_they_pass(transfer_run: tuple[TrainResult, Any],
+                                                             module_settings: Settings) -> None:
+    import tarfile
+
+    import tensorflow as tf
+
+    result, _ = transfer_run
+    meta = result.metadata
+    exports, failures = meta["exports"], meta["export_failures"]
+    assert set(exports) | set(failures) == {"keras", "tflite", "tflite-float16", "tflite-int8", "savedmodel"}
+    assert not set(exports) & set(failures) and all(failures.values())
+    for name, info in exports.items():
+        assert (result.model_dir / info["file"]).is_file(), name
+    for name, floor in (("tflite-float16", 0.995), ("tflite-int8", 0.98), ("savedmodel", 0.999)):
+        if name in exports:
+            assert exports[name]["top1_agreement"] >= floor
+            assert 0 < exports[name]["test_accuracy"] <= 1
+        else:
+            assert not list(result.model_dir.glob(f"*{name.split('-')[-1]}*"))  # a failed export ships no file
+    if "tflite-int8" in exports:
+        assert exports["tflite-int8"]["bytes"] <= 0.35 * exports["tflite"]["bytes"]
+    # The SavedModel loads as TF Serving would, takes raw uint8 images and predicts like the service.
+    assert "savedmodel" in exports, failures
+    x_test, _ = _test_subset(module_settings, TRANSFER)
+    target = result.model_dir.parent.parent / "savedmodel-check"
+    with tarfile.open(result.model_dir / exports["savedmodel"]["file"]) as archive:
+        archive.extractall(target, filter="data")
+    serving = tf.saved_model.load(str(target / "1")).signatures["serving_default"]
+    probs = serving(image=tf.constant(x_test[:50], dtype=tf.uint8))["probabilities"].numpy()
+    lite = run_batches(result.model_dir / TFLITE_FILE, x_test[:50].astype(np.float32), batch_size=50)
+    assert np.mean(probs.argmax(axis=1) == lite.argmax(axis=1)) >= 0.98
