@@ -28,6 +28,7 @@ from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
 from worker.store import ModelStore
+from worker.store.local import sweep_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def sweep_lost_jobs(**_: Any) -> None:
     """On worker start: end running jobs whose worker stopped sending heartbeats (a crash before this start);
     a job whose model had been published is recorded `succeeded`, a model of a cancelled job removed."""
     settings = get_settings()
+    sweep_artifacts(settings)  # what a killed process left: staging, trash, temporary files (never raises)
     models = ModelStore(settings.artifact_dir)
     try:
         store = job_store(settings)
