@@ -90,7 +90,7 @@
   const pct = (x) => (typeof x === "number" ? `${(x * 100).toFixed(1)}%` : "–");
   const fixed = (x, digits = 3) => (typeof x === "number" ? x.toFixed(digits) : "–");
   const count = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : "–");
-  const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
+  const when = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "–");
 
   function bytes(n) {
     if (typeof n !== "number") return "–";
@@ -527,7 +527,7 @@
         h("label", { for: progressId }, `Stage: ${stage}${epochText}`),
         h("progress", { id: progressId, max: 1, value: fraction }, pct(fraction)),
         h("span", { class: "pct" }, pct(fraction))),
-      job.error ? h("p", { class: "error job-error" },
+      job.error ? h("p", { class: "error job-error", tabindex: 0, dataset: { key: `error-${job.id}` } },
         h("strong", {}, `${job.error.type || "Error"}: `), job.error.message || "") : null,
       job.history && job.history.length ? curves(job) : null,
       job.metrics ? h("p", { class: "metrics" },
@@ -717,8 +717,8 @@
         fact("Dataset", model.dataset ? model.dataset.name || model.dataset.id : "CIFAR-10"),
         fact("Test accuracy", pct(m.test_accuracy)),
         fact("Macro F1", fixed(m.macro_f1)),
-        fact("Parameters", `${count(m.params_total)}${m.params_trainable !== undefined
-          ? ` (${count(m.params_trainable)} trainable)` : ""}`),
+        fact("Parameters", `${count(m.params_total)}${typeof m.params_trainable !== "number" ? ""
+          : m.params_trainable === m.params_total ? " (all trainable)" : ` (${count(m.params_trainable)} trainable)`}`),
         fact("Classes", String((model.classes || []).length)),
         fact("Trained", `${model.spec ? model.spec.epochs : "?"} epochs in ${seconds(m.train_seconds)}`),
         fact("Created", when(model.created_at))),
@@ -744,16 +744,7 @@
           h("figcaption", {}, "Accuracy and loss per epoch")),
         h("figure", {}, lazyImage(`/v1/models/${ref}/confusion.png`, `Confusion matrix of ${modelLabel(model)}`),
           h("figcaption", {}, "Confusion matrix (test subset)"))),
-      h("div", { class: "downloads" },
-        h("h5", {}, "Download"),
-        h("p", { class: "actions" }, modelFormats(model).map((format) => {
-          const info = model.exports && model.exports[format];
-          const size = info && typeof info.bytes === "number" ? ` (${bytes(info.bytes)})` : "";
-          return h("button", {
-            type: "button", class: "quiet", dataset: { key: `dl-${model.id}-${format}` },
-            onclick: guarded((event) => download(event.currentTarget, model, format)),
-          }, `${format}${size}`);
-        }))),
+      downloads(model),
       h("p", { class: "actions" },
         h("button", { type: "button", dataset: { key: `classify-${model.id}` }, onclick: () => go("classify", model.id) },
           "Classify with it"),
@@ -763,6 +754,31 @@
         }, "Delete")));
   }
   modelCard.idOf = (model) => `model-${model.id}`;
+
+  /** The model's formats: a download button each, with the export's size and its check against Keras. */
+  function downloads(model) {
+    const formats = modelFormats(model);
+    const info = (format) => (model.exports && model.exports[format]) || {};
+    const checked = formats.some((f) => f !== "keras" && typeof info(f).top1_agreement === "number");
+    return h("div", { class: "downloads" },
+      h("h5", {}, "Download"),
+      h("div", { class: "table-wrap" }, h("table", { class: "formats" },
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Format"), h("th", { scope: "col" }, "Size"),
+          checked ? h("th", { scope: "col", title: "top-1 agreement with the Keras model on the test subset" },
+            "Agrees") : null,
+          checked ? h("th", { scope: "col" }, "Test accuracy") : null)),
+        h("tbody", {}, formats.map((format) => {
+          const e = info(format);
+          return h("tr", {},
+            h("th", { scope: "row" }, h("button", {
+              type: "button", class: "quiet", dataset: { key: `dl-${model.id}-${format}` },
+              onclick: guarded((event) => download(event.currentTarget, model, format)),
+            }, format)),
+            h("td", {}, bytes(e.bytes)),
+            checked ? h("td", {}, format === "keras" ? "–" : pct(e.top1_agreement)) : null,
+            checked ? h("td", {}, pct(e.test_accuracy)) : null);
+        })))));
+  }
 
   function fact(term, value) {
     return h("div", {}, h("dt", {}, term), h("dd", {}, value));
