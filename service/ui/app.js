@@ -346,8 +346,11 @@
 
   function route() {
     const [name, target] = location.hash.replace(/^#/, "").split("/");
-    if (!VIEWS.includes(name || "jobs")) return;  // e.g. #main from the skip link
-    const view = name || "jobs";
+    let view = name || "jobs";
+    if (!VIEWS.includes(view)) {  // e.g. #main from the skip link: stay where we are
+      if (currentView) return;
+      view = "jobs";
+    }
     for (const v of VIEWS) $(`#view-${v}`).hidden = v !== view;
     for (const link of $$("nav a")) {
       if (link.dataset.view === view) link.setAttribute("aria-current", "page");

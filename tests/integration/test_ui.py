@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import pytest
 import testkit
@@ -384,14 +383,3 @@ def test_the_page_reads_at_phone_width_without_sideways_scrolling(browser: Any, 
         watched.assert_clean()
     finally:
         context.close()
-
-
-def test_the_page_and_its_files_are_served_with_a_same_origin_policy(stack: Stack) -> None:
-    page = httpx.get(f"{stack.base_url}/")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    policy = page.headers["content-security-policy"]
-    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
-    for path in re.findall(r'(?:src|href)="(/[^"]*)"', page.text):
-        assert httpx.get(f"{stack.base_url}{path}").status_code == 200, path
-    assert "http://" not in page.text and "https://" not in page.text
-    assert httpx.get(f"{stack.base_url}/ui/main.py").status_code == 404
