@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -42,9 +43,11 @@ from service.serving.tensors import (
     IMAGE_INPUT,
     LABEL_OUTPUT,
     PROBABILITIES_OUTPUT,
+    InferRequest,
     encode_infer_response,
     infer_outputs,
     parse_infer_request,
+    request_images,
 )
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ EXTENSIONS = ["classification", "binary_tensor_data"]
 PLATFORM = "tensorflow_lite"
 #: Media types an `infer` body may declare (tritonclient sends none; binary requests may say octet-stream).
 INFER_MEDIA_TYPES = frozenset({"", "application/json", "application/octet-stream"})
+#: Bodies up to this size, of images at the model's size, are decoded on the event loop (`_decode`).
+INLINE_DECODE_BYTES = 16 * 1024
 
 
 def protocol_error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -218,15 +223,34 @@ async def _infer(request: Request, services: Services, max_batch: int, max_bytes
         body = await request.body()
         if encoding:
             body = await run_in_threadpool(_inflate, body, encoding, max_bytes)
-        parsed = await run_in_threadpool(parse_infer_request, body, header_length, max_batch, entry.input_shape)
-    probs = await entry.batcher.predict(parsed.images)
-    services.metrics.predictions.inc(len(parsed.images))
+        images, parsed = await _decode(body, header_length, max_batch, entry.input_shape)
+    probs = await entry.batcher.predict(images)
+    services.metrics.predictions.inc(len(images))
     content, json_length = encode_infer_response(name, model_id, parsed.id,
                                                  infer_outputs(probs, entry.classes, parsed.outputs))
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(json_length)})
+
+
+async def _decode(body: bytes, header_length: int | None, max_batch: int,
+                  shape: tuple[int, ...]) -> tuple[np.ndarray, InferRequest]:
+    """The request's images and what to answer. A small body of images at the model's size is read on the event
+    loop (a copy of its pixels costs less than the hand-off to a thread); resizing, image files and large
+    bodies go to a worker thread."""
+    if len(body) > INLINE_DECODE_BYTES:
+        return await run_in_threadpool(_parse_and_decode, body, header_length, max_batch, shape)
+    parsed = parse_infer_request(body, header_length)
+    if parsed.at_model_size(shape):
+        return request_images(parsed, max_batch, shape), parsed
+    return await run_in_threadpool(request_images, parsed, max_batch, shape), parsed
+
+
+def _parse_and_decode(body: bytes, header_length: int | None, max_batch: int,
+                      shape: tuple[int, ...]) -> tuple[np.ndarray, InferRequest]:
+    parsed = parse_infer_request(body, header_length)
+    return request_images(parsed, max_batch, shape), parsed
 
 
 def _header_length(request: Request) -> int | None:

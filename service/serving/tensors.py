@@ -56,11 +56,19 @@ class RequestedOutput:
 
 @dataclass
 class InferRequest:
-    """A decoded `infer` request: its images as the model's float32 batch, and what to answer."""
+    """An `infer` request read up to its pixels: its one input tensor (header, and its binary data when sent
+    so), and what to answer; `request_images` does the pixel work."""
 
     id: str | None
-    images: np.ndarray
+    tensor: dict[str, Any]
+    chunk: bytes | None
     outputs: list[RequestedOutput] = field(default_factory=list)
+
+    def at_model_size(self, shape: tuple[int, ...]) -> bool:
+        """UINT8 images already at the model's input size: their decoding is a copy (no resizing, no files)."""
+        dims = self.tensor["shape"]
+        return (self.tensor["name"] == IMAGE_INPUT and self.tensor["datatype"] == "UINT8" and len(dims) == 4
+                and tuple(dims[1:]) == tuple(shape))
 
 
 @dataclass
@@ -74,11 +82,9 @@ class OutputTensor:
 
 # ----- Open Inference Protocol: requests -----
 
-def parse_infer_request(body: bytes, header_length: int | None, max_batch: int,
-                        shape: tuple[int, ...]) -> InferRequest:
-    """An `infer` body (JSON, or JSON + binary tensors after `header_length` bytes) -> the model's batch.
-
-    `shape` is the model's input (H, W, 3): images are resized to it; at most `max_batch` images (413)."""
+def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """An `infer` body (JSON, or JSON + binary tensors after `header_length` bytes) -> its checked header, its
+    one input and the outputs to answer (400 for anything the protocol does not allow)."""
     if header_length is None:
         header, binary = body, b""
     else:
@@ -105,16 +111,20 @@ def parse_infer_request(body: bytes, header_length: int | None, max_batch: int,
     if len(tensors) != 1:
         names = ", ".join(repr(t["name"]) for t in tensors)
         raise BadRequest(f"expected one input, {IMAGE_INPUT!r} or {IMAGE_BYTES_INPUT!r}; got {len(tensors)} ({names})")
-    tensor, chunk = tensors[0], chunks[0]
-    if tensor["name"] == IMAGE_INPUT:
-        images = _image_tensor(tensor, chunk, max_batch, shape)
-    elif tensor["name"] == IMAGE_BYTES_INPUT:
-        images = _image_bytes_tensor(tensor, chunk, max_batch, shape)
-    else:
+    tensor = tensors[0]
+    if tensor["name"] not in (IMAGE_INPUT, IMAGE_BYTES_INPUT):
         raise BadRequest(f"unexpected input {tensor['name']!r}: the model takes {IMAGE_INPUT!r} (UINT8 "
                          f"[N, H, W, 3]) or {IMAGE_BYTES_INPUT!r} (BYTES [N], encoded image files)")
     binary_default = _flag(parameters.get("binary_data_output", False), "binary_data_output")
-    return InferRequest(request_id, images, _requested_outputs(payload.get("outputs"), binary_default))
+    return InferRequest(request_id, tensor, chunks[0], _requested_outputs(payload.get("outputs"), binary_default))
+
+
+def request_images(request: InferRequest, max_batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The request's images as the model's float32 (N, *shape) batch: UINT8 tensors resized to the model's
+    input, image files decoded at it; at most `max_batch` images (413)."""
+    if request.tensor["name"] == IMAGE_INPUT:
+        return _image_tensor(request.tensor, request.chunk, max_batch, shape)
+    return _image_bytes_tensor(request.tensor, request.chunk, max_batch, shape)
 
 
 def _parameters(value: Any, what: str) -> dict[str, Any]:
