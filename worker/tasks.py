@@ -105,7 +105,10 @@ def sweep_lost_jobs(**_: Any) -> None:
     """On worker start: end running jobs whose worker stopped sending heartbeats (a crash before this start);
     a job whose model had been published is recorded `succeeded`, a model of a cancelled job removed."""
     settings = get_settings()
-    sweep_artifacts(settings)  # what a killed process left: staging, trash, temporary files (never raises)
+    from worker.engine.caches import cache_sweeps
+
+    # What a killed process left: staging, trash, temporary files, caches past their bounds (never raises).
+    sweep_artifacts(settings, more=cache_sweeps(settings))
     models = ModelStore(settings.artifact_dir)
     try:
         store = job_store(settings)

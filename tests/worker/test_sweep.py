@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from worker.config import Settings
+from worker.engine.caches import cache_sweeps
 from worker.engine.data import file_sha256, load_cifar10, sweep_data_cache
 from worker.engine.features import FeatureCache, FeatureKey
 from worker.store import METADATA_FILE, ModelStore
@@ -241,8 +242,9 @@ def test_sweep_artifacts_sweeps_every_part_and_never_raises(tmp_path: Path, monk
     age(write(DatasetStore(artifacts).upload_path("ds_orphan")))
     age(temp_of(settings.feature_cache_dir / "train-1.npy"))
     age(temp_of(settings.data_cache_dir / f"{'e' * 32}.x.npy"))
-    assert sweep_artifacts(settings) == {"models": 1, "datasets": 1, "feature_cache": 1, "data_cache": 1}
-    assert sweep_artifacts(settings) == {"models": 0, "datasets": 0, "feature_cache": 0, "data_cache": 0}
+    more = cache_sweeps(settings)
+    assert sweep_artifacts(settings, more=more) == {"models": 1, "datasets": 1, "feature_cache": 1, "data_cache": 1}
+    assert sweep_artifacts(settings, more=more) == {"models": 0, "datasets": 0, "feature_cache": 0, "data_cache": 0}
 
     def broken(self: DatasetStore, max_age_seconds: float) -> list[Path]:
         raise PermissionError("read-only file system")

@@ -456,26 +456,26 @@ def _valid_metadata(model_id: str, path: Path, raw: bytes) -> dict[str, Any] | N
     return data
 
 
-def sweep_artifacts(settings: Settings, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> dict[str, int]:
-    """Sweep the whole artifact directory of `settings`: the model store, the dataset store and the engine's
-    caches (their crashed temporaries, and each back within its size bound). Never raises: a sweep that
-    fails is logged and the rest goes on. Returns the number of paths removed per part."""
-    from worker.engine.data import sweep_data_cache
-    from worker.engine.features import FeatureCache
+#: A sweep of one part of the artifact directory, given the age past which leftovers go; the paths it removed.
+Sweep = Callable[[float], list[Path]]
+
+
+def sweep_artifacts(settings: Settings, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS,
+                    more: dict[str, Sweep] | None = None) -> dict[str, int]:
+    """Sweep the artifact directory of `settings`: the model store and the dataset store, plus the parts in
+    `more` (the worker adds the engine's caches: `worker.engine.caches.cache_sweeps`). Never raises: a sweep
+    that fails is logged and the rest goes on. Returns the number of paths removed per part."""
     from worker.store.datasets import DatasetStore
 
-    parts: dict[str, Callable[[], list[Path]]] = {
-        "models": lambda: ModelStore(settings.artifact_dir).sweep(max_age_seconds),
-        "datasets": lambda: DatasetStore(settings.artifact_dir).sweep(max_age_seconds),
-        "feature_cache": lambda: FeatureCache(settings.feature_cache_dir,
-                                              settings.feature_cache_max_bytes).sweep(max_age_seconds),
-        "data_cache": lambda: sweep_data_cache(settings.data_cache_dir, settings.data_cache_max_bytes,
-                                               max_age_seconds),
+    parts: dict[str, Sweep] = {
+        "models": ModelStore(settings.artifact_dir).sweep,
+        "datasets": DatasetStore(settings.artifact_dir).sweep,
+        **(more or {}),
     }
     counts = {}
     for name, sweep in parts.items():
         try:
-            counts[name] = len(sweep())
+            counts[name] = len(sweep(max_age_seconds))
         except Exception:  # a sweep is housekeeping: it never stops a worker from starting
             log.exception("sweeping the %s under %s failed", name, settings.artifact_dir)
             counts[name] = 0
