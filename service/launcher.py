@@ -10,7 +10,7 @@
    kill -9 of Redis or a power cut). One `make run` per artifact directory (a lock file says so).
 2. One training worker (Celery, queue `training`, concurrency 1), one dataset worker (queue `datasets`, no
    TensorFlow) and uvicorn `service.main:app` on `TL_PORT`. Before they start, what killed processes left
-   in the artifact directory is swept (`worker.store.local.sweep_artifacts`).
+   in the artifact directory is swept (`worker.store.sweep.sweep_artifacts`).
 3. Each child's lines are printed with its name in front; the URL of `/docs` is printed once `/readyz`
    answers 200.
 4. Supervision: a child that dies on its own (kill -9, the kernel's OOM killer, a crash) is restarted after
@@ -407,7 +407,7 @@ class Supervisor:
         self.supervised.append(Supervised(child))
 
     def _run(self, settings: Settings) -> int:
-        from worker.store.local import sweep_artifacts
+        from worker.store.sweep import sweep_artifacts
 
         sweep_artifacts(settings)  # what killed processes left (never raises)
         try:

@@ -28,7 +28,7 @@ from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
 from worker.store import ModelStore
-from worker.store.local import sweep_artifacts
+from worker.store.sweep import sweep_artifacts
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from worker.engine.data import file_sha256, load_cifar10, sweep_data_cache
 from worker.engine.features import FeatureCache, FeatureKey
 from worker.store import METADATA_FILE, ModelStore
 from worker.store.datasets import DatasetRecord, DatasetStore
-from worker.store.local import SWEEP_MAX_AGE_SECONDS, is_temp_file, sweep_artifacts, write_atomic
+from worker.store.local import SWEEP_MAX_AGE_SECONDS, is_temp_file, write_atomic
+from worker.store.sweep import sweep_artifacts
 
 OLD = time.time() - SWEEP_MAX_AGE_SECONDS - 600  # an hour and ten minutes ago
 

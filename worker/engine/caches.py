@@ -5,7 +5,7 @@ from __future__ import annotations
 from worker.config import Settings
 from worker.engine.data import sweep_data_cache
 from worker.engine.features import FeatureCache
-from worker.store.local import Sweep
+from worker.store.sweep import Sweep
 
 
 def cache_sweeps(settings: Settings) -> dict[str, Sweep]:

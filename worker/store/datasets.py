@@ -75,7 +75,7 @@ class Dataset(BaseModel):
     created_at: str
     classes: list[str] = Field(default_factory=list)
     image_shape: list[int] | None = None
-    counts: dict[str, dict[str, int]] = Field(default_factory=lambda: {"train": {}, "test": {}})
+    counts: dict[str, dict[str, int]] = Field(default_factory=lambda: {"train": dict[str, int](), "test": {}})
     skipped: list[SkippedFile] = Field(default_factory=list)
     skipped_count: int = 0
     duplicates: DatasetDuplicates = Field(default_factory=DatasetDuplicates)
