@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="API port for the quick-start command")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest predict request body")
     max_batch: int = Field(64, ge=1, le=4096, description="most images in one predict request")
+    max_image_pixels: int = Field(16_000_000, ge=1, le=40_000_000,
+                                  description="most pixels one predict image may declare (read from its header "
+                                              "before decoding); more -> 413")
+    max_request_pixels: int = Field(64_000_000, ge=1,
+                                    description="most pixels all images of one predict request may declare "
+                                                "together; more -> 413")
     max_dataset_bytes: int = Field(2 * 1024**3, ge=1024, description="largest dataset upload (archive bytes)")
 
     # --- our own ---

@@ -15,7 +15,7 @@ from service.errors import (
     problem_responses,
 )
 from service.schemas import PREDICT_REQUEST_BODY, PredictResponse
-from service.serving.decode import read_images
+from service.serving.decode import PixelLimits, read_images
 from service.serving.encode import rank_predictions
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -36,7 +36,7 @@ async def predict_with_model(ref: str, request: Request, services: ServicesDep, 
                              top_k: TopK = 3, probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with a model named by id, alias or `latest`."""
     model_id = await services.registry.resolve_for_predict(ref)
-    return await _predict(request, services, model_id, settings.max_batch, top_k, probabilities)
+    return await _predict(request, services, settings, model_id, top_k, probabilities)
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
@@ -45,14 +45,15 @@ async def predict_default(request: Request, services: ServicesDep, settings: Set
                           probabilities: WithProbabilities = False) -> PredictResponse:
     """Classify images with the `default` alias's model, or the newest model when no default is set."""
     model_id = await services.registry.resolve_for_predict(None)
-    return await _predict(request, services, model_id, settings.max_batch, top_k, probabilities)
+    return await _predict(request, services, settings, model_id, top_k, probabilities)
 
 
-async def _predict(request: Request, services: ServicesDep, model_id: str, max_batch: int, k: int,
+async def _predict(request: Request, services: ServicesDep, settings: SettingsDep, model_id: str, k: int,
                    with_probabilities: bool) -> PredictResponse:
     entry = await services.cache.get(model_id)  # loaded (once) before the body is read
+    limits = PixelLimits(per_image=settings.max_image_pixels, per_request=settings.max_request_pixels)
     with entry.batcher.incoming():
-        images = await read_images(request, max_batch, entry.input_shape)
+        images = await read_images(request, settings.max_batch, entry.input_shape, limits)
     probs = await entry.batcher.predict(images)
     services.metrics.predictions.inc(len(images))
     return PredictResponse.model_validate(

@@ -3,6 +3,13 @@
 The pixel work is `worker.imaging` (shared with dataset processing, so training and serving see images
 the same way); this module turns its errors into the HTTP side's (400 undecodable, 413 too many pixels).
 Runs in a worker thread, never on the event loop.
+
+Pixel bombs (a few KB of PNG that declare 40 megapixels) cost CPU and memory by the pixel, not by the byte,
+so pixels are bounded from the headers before anything is decoded: per image (`TL_MAX_IMAGE_PIXELS`) and
+for all images of a request together (`TL_MAX_REQUEST_PIXELS`), both 413. Large images (over
+`BIG_IMAGE_PIXELS`) are decoded by a few threads of their own (`BIG_DECODER`), whatever the number of
+requests: they queue for the CPU instead of each holding its decoded pixels, and only those threads' malloc
+arenas ever hold such images (the allocator keeps each thread's freed memory for that thread to reuse).
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ import base64
 import binascii
 import json
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,29 +37,73 @@ from worker.imaging import INPUT_SHAPE
 RAW_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/bmp", "image/gif", "image/webp"})
 SUPPORTED = ("multipart/form-data (file parts named 'file'), application/json ({\"instances\": [...]}), "
              "or a raw image/png or image/jpeg body")
+#: The defaults of TL_MAX_IMAGE_PIXELS and TL_MAX_REQUEST_PIXELS.
+MAX_IMAGE_PIXELS = 16_000_000
+MAX_REQUEST_PIXELS = 64_000_000
+#: Images above this many pixels are decoded by `BIG_DECODER`'s threads, at most that many at a time.
+BIG_IMAGE_PIXELS = 2_000_000
+BIG_DECODER = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="tl-decode")
 
 
-def decode_image(data: bytes, label: str, size: int = imaging.INPUT_SIZE) -> np.ndarray:
+@dataclass(frozen=True)
+class PixelLimits:
+    """Pixels one image, and all images of one request together, may declare (from their headers)."""
+
+    per_image: int = MAX_IMAGE_PIXELS
+    per_request: int = MAX_REQUEST_PIXELS
+
+
+def decode_image(data: bytes, label: str, size: int = imaging.INPUT_SIZE, *,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """One image file -> (size, size, 3) uint8 RGB; 400 if undecodable, 413 if it has too many pixels."""
+    pixels = imaging.declared_pixels(data) or 0
+    if pixels > max_pixels:
+        raise PayloadTooLarge(_image_too_large(label, pixels, max_pixels))
     try:
-        return imaging.decode_image(data, label, size)
+        if pixels > BIG_IMAGE_PIXELS:  # called in a worker thread already: waiting here blocks no event loop
+            return BIG_DECODER.submit(imaging.decode_image, data, label, size, max_pixels=max_pixels).result()
+        return imaging.decode_image(data, label, size, max_pixels=max_pixels)
     except imaging.ImageTooLarge as exc:
-        raise PayloadTooLarge(str(exc)) from None
+        raise PayloadTooLarge(f"{exc} (TL_MAX_IMAGE_PIXELS)") from None
     except imaging.ImageError as exc:
         raise BadImage(str(exc)) from None
 
 
-def decode_b64(value: str, label: str, size: int = imaging.INPUT_SIZE) -> np.ndarray:
+def _image_too_large(label: str, pixels: int, limit: int) -> str:
+    return f"{label} is too large: {pixels} pixels, at most {limit} are accepted per image (TL_MAX_IMAGE_PIXELS)"
+
+
+def check_pixels(files: Sequence[tuple[str, bytes]], limits: PixelLimits) -> None:
+    """413 when one image, or all of them together, declare more pixels than `limits` allow; read from the
+    headers alone, before any image is decoded (an unreadable file counts nothing: decoding says why)."""
+    total = 0
+    for label, data in files:
+        pixels = imaging.declared_pixels(data) or 0
+        if pixels > limits.per_image:
+            raise PayloadTooLarge(_image_too_large(label, pixels, limits.per_image))
+        total += pixels
+        if total > limits.per_request:
+            raise PayloadTooLarge(f"too many pixels in one request: its images declare more than {limits.per_request}"
+                                  f" together (TL_MAX_REQUEST_PIXELS; {len(files)} images, {label} passes it); "
+                                  "send smaller images or fewer per request")
+
+
+def decode_b64(value: str, label: str, size: int = imaging.INPUT_SIZE, *,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """A base64 image file (standard or URL-safe alphabet, padding optional) -> (size, size, 3) uint8."""
+    return decode_image(b64_bytes(value, label), label, size, max_pixels=max_pixels)
+
+
+def b64_bytes(value: str, label: str) -> bytes:
+    """The file a base64 string holds (standard or URL-safe alphabet, padding optional, or a data: URL)."""
     text = "".join(value.split())
     if "," in text and text.startswith("data:"):  # a data: URL
         text = text.split(",", 1)[1]
     text += "=" * (-len(text) % 4)
     try:
-        data = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadImage(f"{label}: 'b64' is not valid base64") from exc
-    return decode_image(data, label, size)
 
 
 def nested_list_to_array(value: Sequence[Any], label: str, loc: list[str | int],
@@ -78,26 +132,35 @@ def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-async def read_images(request: Request, max_batch: int, shape: tuple[int, ...] = INPUT_SHAPE) -> np.ndarray:
+async def read_images(request: Request, max_batch: int, shape: tuple[int, ...] = INPUT_SHAPE,
+                      limits: PixelLimits | None = None) -> np.ndarray:
     """The request's images as a float32 (N, *shape) batch of raw 0..255 RGB, N in 1..max_batch.
 
     `shape` is the model's input (H, W, 3): image files are resized to it, nested lists must have it.
+    `limits` bound the pixels the image files declare (413), checked before any is decoded.
     """
+    limits = limits or PixelLimits()
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "multipart/form-data":
-        return await _read_multipart(request, max_batch, shape[0])
+        return await _read_multipart(request, max_batch, shape[0], limits)
     if media == "application/json" or media.endswith("+json"):
         body = await request.body()
-        return await run_in_threadpool(_images_from_json, body, max_batch, shape)
+        return await run_in_threadpool(_images_from_json, body, max_batch, shape, limits)
     if media in RAW_IMAGE_TYPES:
         body = await request.body()
-        return await run_in_threadpool(_stack, [_decoder(body, "image 0 (the request body)", shape[0])])
+        return await run_in_threadpool(_decode_files, [("image 0 (the request body)", body)], shape[0], limits)
     shown = f"{media!r}" if media else "none"
     raise UnsupportedMediaType(f"unsupported content type {shown}: send {SUPPORTED}")
 
 
-async def _read_multipart(request: Request, max_batch: int, size: int) -> np.ndarray:
+def _decode_files(files: list[tuple[str, bytes]], size: int, limits: PixelLimits) -> np.ndarray:
+    check_pixels(files, limits)
+    return np.stack([decode_image(data, label, size, max_pixels=limits.per_image).astype(np.float32)
+                     for label, data in files])
+
+
+async def _read_multipart(request: Request, max_batch: int, size: int, limits: PixelLimits) -> np.ndarray:
     try:
         form = await request.form(max_files=max_batch, max_fields=32, max_part_size=64 * 1024)
     except StarletteHTTPException as exc:
@@ -117,18 +180,10 @@ async def _read_multipart(request: Request, max_batch: int, size: int) -> np.nda
             files.append((name, await part.read()))
     finally:
         await form.close()
-    return await run_in_threadpool(_stack, [_decoder(data, name, size) for name, data in files])
+    return await run_in_threadpool(_decode_files, files, size, limits)
 
 
-def _decoder(data: bytes, name: str, size: int) -> Any:
-    return lambda: decode_image(data, name, size)
-
-
-def _stack(decoders: list[Any]) -> np.ndarray:
-    return np.stack([np.asarray(decode(), dtype=np.float32) for decode in decoders])
-
-
-def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...]) -> np.ndarray:
+def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...], limits: PixelLimits) -> np.ndarray:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
@@ -143,17 +198,20 @@ def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...]) -> np
         raise InvalidInput.at(["body", "instances"], "'instances' must be a non-empty list")
     if len(instances) > max_batch:
         raise PayloadTooLarge(f"too many images: {len(instances)}, at most {max_batch} per request (TL_MAX_BATCH)")
-    arrays = []
+    items: list[np.ndarray | tuple[str, bytes]] = []  # arrays, or image files still to decode
     for index, instance in enumerate(instances):
         loc: list[str | int] = ["body", "instances", index]
         label = f"image {index} (instances[{index}])"
         if isinstance(instance, dict):
             if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
                 raise InvalidInput.at(loc, f"{label} must be {{\"b64\": \"<base64 of an image file>\"}}")
-            arrays.append(decode_b64(instance["b64"], label, shape[0]).astype(np.float32))
+            items.append((label, b64_bytes(instance["b64"], label)))
         elif isinstance(instance, list):
-            arrays.append(nested_list_to_array(instance, label, loc, shape))
+            items.append(nested_list_to_array(instance, label, loc, shape))
         else:
             raise InvalidInput.at(
                 loc, f"{label} must be {{\"b64\": ...}} or a {_dims(shape)} nested list of numbers 0..255")
-    return np.stack(arrays)
+    check_pixels([item for item in items if isinstance(item, tuple)], limits)
+    return np.stack([item if isinstance(item, np.ndarray)
+                     else decode_image(item[1], item[0], shape[0], max_pixels=limits.per_image).astype(np.float32)
+                     for item in items])

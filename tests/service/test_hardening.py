@@ -5,6 +5,8 @@ API runs as a real uvicorn child process (`live_api`), talked to over sockets as
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import os
 import socket
@@ -16,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from svc_helpers import assert_problem, make_settings
+from PIL import Image
+from svc_helpers import add_model, assert_problem, image_bytes, make_settings, raw_png
 
+from service.errors import PayloadTooLarge
 from service.launcher import Child, free_port, uvicorn_argv
 from service.middleware import RequestGuard
+from service.serving import decode
+from worker import imaging
 from worker.config import Settings
 
 API_KEY = "hardening-key"
@@ -328,3 +335,124 @@ def test_a_stream_ends_after_its_time_limit_with_a_retry(redis_url: str, artifac
     assert "TL_EVENT_STREAM_MAX_SECONDS" in response.text and response.text.endswith("retry: 1000\n\n")
     services = client.app.state.services  # type: ignore[attr-defined]
     assert services.jobs._streams.open == 0  # its slot was given back
+
+
+# ----- 2. pixel bombs: bounded per image and per request, from the headers, before decoding -----
+
+BOMB_MODEL = "m_pixelbomb000000"
+
+
+def one_bit_png(width: int, height: int) -> bytes:
+    """A few KB of PNG that declares width x height pixels (all black, 1 bit each)."""
+    return image_bytes(Image.new("1", (width, height), 0), optimize=True)
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every image the predict path decodes (worker.imaging.decode_image), and decodes it."""
+    decoded: list[str] = []
+    real = imaging.decode_image
+
+    def spy(data: bytes, label: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(label)
+        return real(data, label, *args, **kwargs)
+
+    monkeypatch.setattr(imaging, "decode_image", spy)
+    return decoded
+
+
+@pytest.fixture
+def bomb_model(artifact_dir: Path, trained_model: Path) -> str:
+    add_model(artifact_dir, trained_model, BOMB_MODEL)
+    return BOMB_MODEL
+
+
+@pytest.mark.realdata
+def test_a_request_of_64_pixel_bombs_is_413_before_any_decoding(client: TestClient, bomb_model: str,
+                                                                  no_decoding: list[str]) -> None:
+    bomb = one_bit_png(6320, 6320)  # 40 megapixels in about 5 KB: allowed per image before, 10+ s of CPU for 64
+    assert len(bomb) < 20_000
+    files = [("file", (f"bomb{i}.png", bomb, "image/png")) for i in range(64)]
+    response = client.post(f"/v1/models/{bomb_model}/predict", files=files)
+    assert_problem(response, 413, "39942400 pixels, at most 16000000 are accepted per image (TL_MAX_IMAGE_PIXELS)")
+    assert no_decoding == []
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("form", ["multipart", "b64"])
+def test_images_within_the_image_bound_but_too_many_pixels_together_are_413(
+        client: TestClient, bomb_model: str, no_decoding: list[str], form: str) -> None:
+    image = one_bit_png(3000, 3000)  # 9 megapixels each: 64 of them declare 576 million together
+    if form == "multipart":
+        response = client.post(f"/v1/models/{bomb_model}/predict",
+                               files=[("file", (f"i{i}.png", image, "image/png")) for i in range(64)])
+    else:
+        instances = [{"b64": base64.b64encode(image).decode()} for _ in range(64)]
+        response = client.post(f"/v1/models/{bomb_model}/predict", json={"instances": instances})
+    assert_problem(response, 413, "TL_MAX_REQUEST_PIXELS")
+    assert no_decoding == []
+
+
+@pytest.mark.realdata
+def test_large_images_within_both_bounds_are_classified(client: TestClient, bomb_model: str,
+                                                        no_decoding: list[str]) -> None:
+    files = [("file", (f"i{i}.png", one_bit_png(4000, 4000), "image/png")) for i in range(3)]  # 48 MP in all
+    response = client.post(f"/v1/models/{bomb_model}/predict", files=files)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3 and len(no_decoding) == 3
+
+
+@pytest.mark.realdata
+def test_the_pixel_bounds_are_settings(redis_url: str, artifact_dir: Path, trained_model: Path,
+                                       app_client: Callable[[Settings], TestClient]) -> None:
+    add_model(artifact_dir, trained_model, BOMB_MODEL)
+    client = app_client(make_settings(redis_url, artifact_dir, max_image_pixels=1_000_000,
+                                      max_request_pixels=2_500_000))
+    predict = f"/v1/models/{BOMB_MODEL}/predict"
+    big = client.post(predict, content=one_bit_png(1001, 1000), headers={"Content-Type": "image/png"})
+    assert_problem(big, 413, "at most 1000000 are accepted per image (TL_MAX_IMAGE_PIXELS)")
+    two = [("file", (f"i{i}.png", one_bit_png(1000, 1000), "image/png")) for i in range(2)]
+    assert client.post(predict, files=two).status_code == 200
+    assert_problem(client.post(predict, files=two + two[:1]), 413, "more than 2500000 together")
+
+
+def test_one_image_over_the_bound_is_refused_from_its_header() -> None:
+    with pytest.raises(PayloadTooLarge, match=r"image 0 is too large: 16000001 pixels.*TL_MAX_IMAGE_PIXELS"):
+        decode.decode_image(raw_png(16_000_001, 1, 8, 2, None), "image 0")  # a header, no pixel data
+    assert decode.decode_image(one_bit_png(4000, 4000), "image 0").shape == (32, 32, 3)  # at the bound: decoded
+    with pytest.raises(PayloadTooLarge, match="at most 100 are accepted"):
+        decode.decode_image(one_bit_png(11, 10), "image 0", max_pixels=100)
+
+
+def test_check_pixels_sums_the_headers_of_a_request() -> None:
+    limits = decode.PixelLimits(per_image=100, per_request=250)
+    small, large = one_bit_png(10, 10), one_bit_png(11, 10)
+    decode.check_pixels([("a", small), ("b", small), ("c", b"not an image")], limits)  # 200: fine
+    with pytest.raises(PayloadTooLarge, match="more than 250 together"):
+        decode.check_pixels([("a", small), ("b", small), ("c", small)], limits)
+    with pytest.raises(PayloadTooLarge, match="b is too large: 110 pixels"):
+        decode.check_pixels([("a", small), ("b", large)], limits)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "LA", "I;16"])
+def test_a_large_image_is_reduced_in_its_own_mode_with_the_same_result(mode: str) -> None:
+    # 1200x900 in each mode that used to be converted (copied) at full size before the resize; the result
+    # matches that old order (convert the whole image, then resize) up to rounding.
+    pixels = np.random.default_rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    base = Image.fromarray(pixels).resize((1200, 900), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    elif mode == "P":
+        img = base.quantize(64)
+    elif mode == "RGBA":
+        img = base.copy()
+        img.putalpha(Image.fromarray(pixels[:, :, 0]).resize((1200, 900)))
+    else:
+        img = base.convert(mode)
+    data = image_bytes(img)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    with Image.open(io.BytesIO(data)) as whole:
+        reference = np.asarray(imaging.resize(imaging.to_rgb(whole), 32), dtype=np.int16)
+    out = imaging.decode_image(data, "image 0").astype(np.int16)
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out - reference).mean() < 1.0 and np.abs(out - reference).max() <= 8
