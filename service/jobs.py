@@ -20,7 +20,19 @@ from service.datasets import DatasetService
 from service.errors import InvalidInput, JobFinished, JobNotFound, QueueUnavailable
 from service.events import ChangeFeed, EventStream, StreamSlots
 from service.watch import RedisWatch
-from worker.jobstore import NOW, REDIS_ERRORS, TERMINAL, AsyncJobStore, Job, Published, failure, utc_now
+from worker.jobstore import (
+    INDEX_KEY,
+    NOW,
+    REDIS_ERRORS,
+    TERMINAL,
+    AsyncJobStore,
+    Job,
+    Published,
+    decode_job,
+    failure,
+    job_key,
+    utc_now,
+)
 from worker.queue import TRAIN_TASK, TRAINING_QUEUE
 from worker.spec import JobCreate
 from worker.store import valid_id
@@ -34,6 +46,10 @@ SSE_POLL_SECONDS = 2.0
 SSE_HEARTBEAT_SECONDS = 15.0
 #: Sent before a stream ends at its time limit: EventSource reconnects after this many milliseconds.
 SSE_RECONNECT_MS = 1000
+#: A filtered job listing reads at most this many records per page (in chunks of LIST_SCAN_CHUNK): a page that
+#: found fewer matches still has a `next_cursor` to go on from, so no request walks the whole history.
+LIST_SCAN_LIMIT = 1000
+LIST_SCAN_CHUNK = 250
 #: A cancel re-reads the status this many times when it moves underneath (queued -> running).
 CANCEL_ATTEMPTS = 5
 
@@ -141,7 +157,48 @@ class JobService:
 
     async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
                    cursor: str | None = None) -> tuple[builtins.list[Job], str | None]:
-        return await self.store.list(status=status, model=model, limit=limit, cursor=cursor)
+        """Newest first, a page at a time (`cursor`: the previous page's `next_cursor`). With a filter, a page
+        reads the status and kind of at most `LIST_SCAN_LIMIT` records and decodes only the matching ones, off
+        the event loop; it may so hold fewer than `limit` jobs and still a `next_cursor`."""
+        if status is None and model is None:
+            return await self.store.list(limit=limit, cursor=cursor)
+        redis = self.store.redis
+        upper = f"({cursor}" if cursor else "+"
+        matched: builtins.list[str] = []
+        scanned = 0
+        while scanned < LIST_SCAN_LIMIT:
+            members = await redis.zrevrangebylex(INDEX_KEY, upper, "-", start=0,
+                                                 num=min(LIST_SCAN_CHUNK, LIST_SCAN_LIMIT - scanned))
+            if not members:
+                return await self._decode_page(matched), None
+            pipe = redis.pipeline()
+            for member in members:
+                pipe.hmget(job_key(member.split(":", 1)[1]), ["status", "spec"])
+            rows = await pipe.execute()
+            gone = []
+            for member, (job_status, spec) in zip(members, rows, strict=True):
+                scanned += 1
+                upper = f"({member}"
+                if job_status is None:
+                    gone.append(member)  # the record expired
+                elif (status is None or job_status == status) and (model is None or _spec_model(spec) == model):
+                    matched.append(member)
+                    if len(matched) == limit:
+                        break
+            if gone:
+                await redis.zrem(INDEX_KEY, *gone)
+            if len(matched) == limit:
+                return await self._decode_page(matched), matched[-1]
+        return await self._decode_page(matched), upper[1:]
+
+    async def _decode_page(self, members: builtins.list[str]) -> builtins.list[Job]:
+        if not members:
+            return []
+        pipe = self.store.redis.pipeline()
+        for member in members:
+            pipe.hgetall(job_key(member.split(":", 1)[1]))
+        raws = await pipe.execute()
+        return await asyncio.to_thread(_decode_records, raws)
 
     async def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once (`cancelled`), a running one asked to stop (`cancelling`);
@@ -222,6 +279,26 @@ class JobService:
                 elif time.monotonic() - last_sent >= heartbeat_seconds:
                     yield b": keep-alive\n\n"
                     last_sent = time.monotonic()
+
+
+def _spec_model(spec: str | None) -> object:
+    try:
+        data = json.loads(spec) if spec else None
+    except ValueError:
+        return None
+    return data.get("model") if isinstance(data, dict) else None
+
+
+def _decode_records(raws: list[dict[str, str]]) -> list[Job]:
+    jobs = []
+    for raw in raws:
+        if not raw:
+            continue  # removed since it was matched
+        try:
+            jobs.append(decode_job(raw))
+        except ValueError as exc:  # a damaged record: left out, never the whole list
+            log.warning("job record %r could not be read (left out of the list): %s", raw.get("id"), exc)
+    return jobs
 
 
 def _sse(job: Job) -> bytes:

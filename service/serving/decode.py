@@ -183,7 +183,22 @@ async def _read_multipart(request: Request, max_batch: int, size: int, limits: P
     return await run_in_threadpool(_decode_files, files, size, limits)
 
 
+def refuse_oversized_json(body: bytes, max_batch: int, shape: tuple[int, ...]) -> None:
+    """413 before parsing a JSON body with more separators than `max_batch` nested lists of `shape` have: a
+    10 MiB body of nested lists is about 120 MB of Python objects and half a second holding the GIL to parse,
+    counting its commas a few milliseconds. Every value but the first of a list or object needs a comma, so
+    this bounds what parsing can build (base64 strings hold none; a data: URL one; deeper nesting than the
+    interpreter's recursion limit fails at once)."""
+    height, width = int(shape[0]), int(shape[1])
+    channels = int(shape[2]) if len(shape) > 2 else 1
+    commas = height * width * channels  # between the numbers, the pixels and the rows, and after the image
+    if body.count(b",") > max_batch * (commas + 2) + 8:
+        raise PayloadTooLarge(f"too many images: the body holds more values than {max_batch} images of "
+                              f"{_dims(shape)} (at most {max_batch} per request, TL_MAX_BATCH)")
+
+
 def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...], limits: PixelLimits) -> np.ndarray:
+    refuse_oversized_json(body, max_batch, shape)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting

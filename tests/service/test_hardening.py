@@ -456,3 +456,112 @@ def test_a_large_image_is_reduced_in_its_own_mode_with_the_same_result(mode: str
     out = imaging.decode_image(data, "image 0").astype(np.int16)
     assert out.shape == (32, 32, 3)
     assert np.abs(out - reference).mean() < 1.0 and np.abs(out - reference).max() <= 8
+
+
+# ----- 12. the cost of one request: JSON bodies, /metrics, filtered listings -----
+
+
+class CountingJson:
+    """Stands in for the `json` module of `service.serving.decode`, counting the bodies it parses."""
+
+    def __init__(self) -> None:
+        self.parsed = 0
+
+    def loads(self, body: bytes) -> Any:
+        self.parsed += 1
+        return json.loads(body)
+
+
+def nested_lists_body(count: int) -> bytes:
+    return json.dumps({"instances": [np.full((32, 32, 3), 255).tolist()] * count}).encode()
+
+
+@pytest.mark.parametrize("count, parsed", [(64, 1), (65, 0), (640, 0)])
+def test_a_json_body_holding_far_more_than_max_batch_images_is_refused_unparsed(
+        monkeypatch: pytest.MonkeyPatch, count: int, parsed: int) -> None:
+    counting = CountingJson()
+    monkeypatch.setattr(decode, "json", counting)
+    body = nested_lists_body(count)  # 640 images: about 10 MB
+    if count <= 64:
+        assert decode._images_from_json(body, 64, (32, 32, 3), decode.PixelLimits()).shape == (count, 32, 32, 3)
+    else:
+        with pytest.raises(PayloadTooLarge, match="TL_MAX_BATCH"):
+            decode._images_from_json(body, 64, (32, 32, 3), decode.PixelLimits())
+    assert counting.parsed == parsed
+
+
+def test_the_json_bound_scales_with_the_model_input() -> None:
+    decode.refuse_oversized_json(json.dumps([np.zeros((96, 96, 3), int).tolist()] * 4).encode(), 4, (96, 96, 3))
+    with pytest.raises(PayloadTooLarge, match="4 images of 96x96x3"):
+        decode.refuse_oversized_json(json.dumps([np.zeros((96, 96, 3), int).tolist()] * 5).encode(), 4, (96, 96, 3))
+    b64 = json.dumps({"instances": [{"b64": "data:image/png;base64," + "A" * 1000}] * 64}).encode()
+    decode.refuse_oversized_json(b64, 64, (32, 32, 3))  # base64 images: no separators to speak of
+
+
+@pytest.mark.realdata
+def test_a_10_mib_json_of_nested_lists_answers_413(client: TestClient, bomb_model: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = CountingJson()
+    monkeypatch.setattr(decode, "json", counting)
+    body = nested_lists_body(600)
+    assert 9 * 1024 * 1024 < len(body) <= 10 * 1024 * 1024  # under TL_MAX_UPLOAD_BYTES
+    response = client.post(f"/v1/models/{bomb_model}/predict", content=body,
+                           headers={"Content-Type": "application/json"})
+    assert_problem(response, 413, "at most 64 per request, TL_MAX_BATCH")
+    assert counting.parsed == 0
+
+
+def test_metrics_count_jobs_at_most_every_few_seconds(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = client.app.state.services.jobs.store  # type: ignore[attr-defined]
+    real = store.count_by_status
+    calls: list[int] = []
+
+    async def counting(*args: Any, **kwargs: Any) -> dict[str, int]:
+        calls.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "count_by_status", counting)
+    client.post("/v1/jobs", json=JOB)
+    texts = [client.get("/metrics").text for _ in range(10)]
+    assert len(calls) == 1  # ten scrapes, one count of up to 10,000 job statuses
+    assert all('tl_jobs{status="queued"} 1.0' in text and "tl_job_store_up 1.0" in text for text in texts)
+
+
+def add_jobs(redis_db: redis.Redis, statuses: list[str]) -> list[str]:
+    """Job records written as the store writes them, oldest first; returns their ids."""
+    from worker.jobstore import INDEX_KEY, encode_fields, index_member, job_key, new_job_fields, new_job_id
+    from worker.spec import JobCreate
+
+    spec = JobCreate(**JOB)
+    ids, pipe = [], redis_db.pipeline()
+    for status in statuses:
+        job_id = new_job_id()
+        fields = {**new_job_fields(job_id, spec), **encode_fields({"status": status})}
+        pipe.hset(job_key(job_id), mapping=fields)
+        pipe.zadd(INDEX_KEY, {index_member(fields): 0})
+        ids.append(job_id)
+    pipe.execute()
+    return ids
+
+
+def test_a_filtered_listing_reads_a_bounded_number_of_records_per_page(
+        client: TestClient, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import jobs as job_service
+    from worker import jobstore
+
+    [oldest] = add_jobs(redis_db, ["queued"])
+    add_jobs(redis_db, ["succeeded"] * 1200)  # newer than it: a status filter must get past them
+    decoded: list[int] = []
+    for module in (job_service, jobstore):
+        real = module.decode_job
+        monkeypatch.setattr(module, "decode_job", lambda raw, real=real: decoded.append(1) or real(raw))
+    first = client.get("/v1/jobs", params={"status": "queued"}).json()
+    assert first["items"] == [] and first["next_cursor"]  # 1,000 records read, none decoded, more to come
+    assert decoded == []
+    second = client.get("/v1/jobs", params={"status": "queued", "cursor": first["next_cursor"]}).json()
+    assert [job["id"] for job in second["items"]] == [oldest] and second["next_cursor"] is None
+    assert len(decoded) == 1
+    page = client.get("/v1/jobs", params={"status": "succeeded", "limit": 3}).json()
+    assert len(page["items"]) == 3 and all(job["status"] == "succeeded" for job in page["items"])
+    assert page["next_cursor"] and len(decoded) == 4
+    assert len(client.get("/v1/jobs", params={"model": "transfer"}).json()["items"]) == 0
