@@ -17,6 +17,7 @@ ServiceError                      status  meaning
 ├── TooManyRequests                429
 │   └── TooManyEventStreams        429     more open event streams than TL_MAX_EVENT_STREAMS (with Retry-After)
 ├── InvalidInput                   422     semantically invalid fields found by our own checks
+│   └── IdempotencyKeyReused       422     an Idempotency-Key sent again with another job spec
 ├── ModelUnavailable               500     a model on disk that cannot be loaded (server-side problem)
 └── ServiceUnavailable             503
     ├── JobStoreUnavailable        503     Redis does not answer
@@ -147,6 +148,13 @@ class InvalidInput(ServiceError):
     def at(cls, loc: list[str | int], msg: str, detail: str | None = None) -> InvalidInput:
         """A 422 for one field at `loc` (FastAPI's `loc` convention), `msg` saying what is wrong with it."""
         return cls(detail or msg, errors=[{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+class IdempotencyKeyReused(InvalidInput):
+    def __init__(self, key: str, job_id: str) -> None:
+        msg = (f"Idempotency-Key {key[:64]!r} was used for job {job_id} with another request body; a retry must "
+               "send the same body, and a different job needs a new key")
+        super().__init__(msg, errors=[{"loc": ["header", "Idempotency-Key"], "msg": msg, "type": "value_error"}])
 
 
 class ModelUnavailable(ServiceError):

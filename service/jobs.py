@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from celery import Celery
 
 from service.datasets import DatasetService
-from service.errors import InvalidInput, JobFinished, JobNotFound, QueueUnavailable
+from service.errors import IdempotencyKeyReused, InvalidInput, JobFinished, JobNotFound, QueueUnavailable
 from service.events import ChangeFeed, EventStream, StreamSlots
 from service.watch import RedisWatch
 from worker.jobstore import (
@@ -76,7 +76,8 @@ class JobService:
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
         """Record a queued job and send its task; returns the job and whether it is new (False: the job an
-        earlier request with the same Idempotency-Key created). If the broker refuses, the job is failed,
+        earlier request with the same Idempotency-Key and the same spec created; another spec with that key is
+        a 422). If the broker refuses, the job is failed,
         the key released, and `QueueUnavailable` raised. The dataset must exist (422) and be ready (409), and
         hold the subsets asked for (422)."""
         dataset = await self._datasets.require_ready(spec.dataset)
@@ -88,6 +89,8 @@ class JobService:
                                           f"{dataset.id!r} holds {held} {split} images")
         job, created = await self.store.create(spec, idempotency)
         if not created:
+            if idempotency is not None and job.spec != spec.public():  # the key is bound to the body it came with
+                raise IdempotencyKeyReused(idempotency, job.id)
             return job, False
         try:
             await asyncio.wait_for(asyncio.to_thread(self._send_task, job.id), ENQUEUE_TIMEOUT_SECONDS)

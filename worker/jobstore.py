@@ -414,18 +414,28 @@ class AsyncJobStore:
         self._heartbeat = client.register_script(_HEARTBEAT_LUA)
 
     async def create(self, spec: JobCreate, idempotency: str | None = None) -> tuple[Job, bool]:
-        """Create a queued job; with an Idempotency-Key already used, return that job and False."""
+        """Create a queued job; with an Idempotency-Key already used, return that job and False. A key whose job
+        record is gone (expired, flushed, or its first request died before writing it) is bound to the new job,
+        so every later retry finds that one instead of making a job of its own."""
+        # Set KEYS[1] to ARGV[2] only while it still names ARGV[1] (two retries must not bind two new jobs).
+        rebind = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end return 0")
         job_id = new_job_id()
         if idempotency is not None:
-            claimed = await self.redis.set(idempotency_key(idempotency), job_id, nx=True,
-                                           ex=IDEMPOTENCY_TTL_SECONDS)
-            if not claimed:
-                existing_id = await self.redis.get(idempotency_key(idempotency))
+            key = idempotency_key(idempotency)
+            for _ in range(3):  # more only when other retries rebind the key at the same moment
+                if await self.redis.set(key, job_id, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
+                    break
+                existing_id = await self.redis.get(key)
+                if existing_id is None:
+                    continue  # it expired in between: claim it again
                 for _ in range(100):  # the first POST may still be writing its record
-                    existing = await self.get(existing_id) if existing_id else None
+                    existing = await self.get(existing_id)
                     if existing is not None:
                         return existing, False
                     await asyncio.sleep(0.02)
+                if await self.redis.eval(rebind, 1, key, existing_id, job_id, str(IDEMPOTENCY_TTL_SECONDS)):
+                    break
         fields = new_job_fields(job_id, spec, idempotency)
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=fields)

@@ -565,3 +565,31 @@ def test_a_filtered_listing_reads_a_bounded_number_of_records_per_page(
     assert len(page["items"]) == 3 and all(job["status"] == "succeeded" for job in page["items"])
     assert page["next_cursor"] and len(decoded) == 4
     assert len(client.get("/v1/jobs", params={"model": "transfer"}).json()["items"]) == 0
+
+
+# ----- 9. idempotency: a key is bound to its body, and outlives a lost record once -----
+
+
+def test_an_idempotency_key_reused_with_another_body_is_422(client: TestClient, redis_db: redis.Redis) -> None:
+    first = client.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202
+    other = client.post("/v1/jobs", json={**JOB, "epochs": 2}, headers={"Idempotency-Key": "k-1"})
+    body = assert_problem(other, 422, "Idempotency-Key")
+    assert first.json()["id"] in body["detail"] and body["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert job_count(redis_db) == 1
+    # The same job written another way (defaults spelled out, other key order) is the same body.
+    same = client.post("/v1/jobs", json={"epochs": 1, "test_samples": 100, "train_samples": 100, "seed": 42,
+                                         "model": "baseline", "batch_size": 32}, headers={"Idempotency-Key": "k-1"})
+    assert same.status_code == 202 and same.json()["id"] == first.json()["id"]
+    assert same.headers["idempotent-replayed"] == "true"
+
+
+def test_a_key_whose_job_record_is_gone_makes_one_new_job(client: TestClient, redis_db: redis.Redis) -> None:
+    lost = client.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k-2"}).json()["id"]
+    redis_db.delete(f"tl:job:{lost}")  # expired, flushed, or its first request died before writing it
+    retries = [client.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k-2"}) for _ in range(3)]
+    assert all(retry.status_code == 202 for retry in retries)
+    ids = {retry.json()["id"] for retry in retries}
+    assert len(ids) == 1 and lost not in ids  # one new job, bound to the key from then on
+    assert "idempotent-replayed" not in retries[0].headers
+    assert [retry.headers.get("idempotent-replayed") for retry in retries[1:]] == ["true", "true"]
