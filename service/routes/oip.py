@@ -39,6 +39,7 @@ from service.schemas import (
     inline_schema,
 )
 from service.serving.cache import LoadedModel
+from service.serving.decode import PixelLimits
 from service.serving.tensors import (
     IMAGE_INPUT,
     LABEL_OUTPUT,
@@ -223,7 +224,8 @@ async def _infer(request: Request, services: Services, max_batch: int, max_bytes
         body = await request.body()
         if encoding:
             body = await run_in_threadpool(_inflate, body, encoding, max_bytes)
-        images, parsed = await _decode(body, header_length, max_batch, entry.input_shape)
+        images, parsed = await _decode(body, header_length, max_batch, entry.input_shape,
+                                       PixelLimits.of(services.settings))
     probs = await entry.batcher.predict(images)
     services.metrics.predictions.inc(len(images))
     content, json_length = encode_infer_response(name, model_id, parsed.id,
@@ -234,23 +236,23 @@ async def _infer(request: Request, services: Services, max_batch: int, max_bytes
                     headers={"Inference-Header-Content-Length": str(json_length)})
 
 
-async def _decode(body: bytes, header_length: int | None, max_batch: int,
-                  shape: tuple[int, ...]) -> tuple[np.ndarray, InferRequest]:
+async def _decode(body: bytes, header_length: int | None, max_batch: int, shape: tuple[int, ...],
+                  limits: PixelLimits) -> tuple[np.ndarray, InferRequest]:
     """The request's images and what to answer. A small body of images at the model's size is read on the event
     loop (a copy of its pixels costs less than the hand-off to a thread); resizing, image files and large
     bodies go to a worker thread."""
     if len(body) > INLINE_DECODE_BYTES:
-        return await run_in_threadpool(_parse_and_decode, body, header_length, max_batch, shape)
+        return await run_in_threadpool(_parse_and_decode, body, header_length, max_batch, shape, limits)
     parsed = parse_infer_request(body, header_length)
     if parsed.at_model_size(shape):
-        return request_images(parsed, max_batch, shape), parsed
-    return await run_in_threadpool(request_images, parsed, max_batch, shape), parsed
+        return request_images(parsed, max_batch, shape, limits), parsed
+    return await run_in_threadpool(request_images, parsed, max_batch, shape, limits), parsed
 
 
-def _parse_and_decode(body: bytes, header_length: int | None, max_batch: int,
-                      shape: tuple[int, ...]) -> tuple[np.ndarray, InferRequest]:
+def _parse_and_decode(body: bytes, header_length: int | None, max_batch: int, shape: tuple[int, ...],
+                      limits: PixelLimits) -> tuple[np.ndarray, InferRequest]:
     parsed = parse_infer_request(body, header_length)
-    return request_images(parsed, max_batch, shape), parsed
+    return request_images(parsed, max_batch, shape, limits), parsed
 
 
 def _header_length(request: Request) -> int | None:

@@ -51,7 +51,7 @@ async def predict_default(request: Request, services: ServicesDep, settings: Set
 async def _predict(request: Request, services: ServicesDep, settings: SettingsDep, model_id: str, k: int,
                    with_probabilities: bool) -> PredictResponse:
     entry = await services.cache.get(model_id)  # loaded (once) before the body is read
-    limits = PixelLimits(per_image=settings.max_image_pixels, per_request=settings.max_request_pixels)
+    limits = PixelLimits.of(settings)
     with entry.batcher.incoming():
         images = await read_images(request, settings.max_batch, entry.input_shape, limits)
     probs = await entry.batcher.predict(images)

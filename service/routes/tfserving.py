@@ -20,6 +20,7 @@ from service.deps import Services, ServicesDep, SettingsDep
 from service.errors import NotFound, UnsupportedMediaType
 from service.routes.oip import ProtocolRoute, protocol_responses
 from service.schemas import TFServingPredictRequest, TFServingPredictResponse, inline_schema
+from service.serving.decode import PixelLimits
 from service.serving.tensors import parse_tfserving_request, tfserving_body
 
 router = APIRouter(prefix="/v1/models", tags=["tensorflow serving"], route_class=ProtocolRoute)
@@ -64,7 +65,8 @@ async def _predict(request: Request, services: Services, max_batch: int, name: s
     entry = await services.cache.get(model_id)  # loaded (once) before the body is read
     with entry.batcher.incoming():
         body = await request.body()
-        images, columnar = await run_in_threadpool(parse_tfserving_request, body, max_batch, entry.input_shape)
+        images, columnar = await run_in_threadpool(parse_tfserving_request, body, max_batch, entry.input_shape,
+                                                   PixelLimits.of(services.settings))
     probs = await entry.batcher.predict(images)
     services.metrics.predictions.inc(len(images))
     return Response(tfserving_body(probs, columnar), media_type="application/json")

@@ -52,6 +52,11 @@ class PixelLimits:
     per_image: int = MAX_IMAGE_PIXELS
     per_request: int = MAX_REQUEST_PIXELS
 
+    @classmethod
+    def of(cls, settings: Any) -> PixelLimits:
+        """The limits `TL_MAX_IMAGE_PIXELS` and `TL_MAX_REQUEST_PIXELS` set."""
+        return cls(per_image=settings.max_image_pixels, per_request=settings.max_request_pixels)
+
 
 def decode_image(data: bytes, label: str, size: int = imaging.INPUT_SIZE, *,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

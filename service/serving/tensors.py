@@ -30,7 +30,14 @@ import numpy as np
 from PIL import Image
 
 from service.errors import BadRequest, PayloadTooLarge
-from service.serving.decode import decode_b64, decode_image, nested_list_to_array
+from service.serving.decode import (
+    PixelLimits,
+    b64_bytes,
+    check_pixels,
+    decode_image,
+    nested_list_to_array,
+    refuse_oversized_json,
+)
 from service.serving.encode import rank_predictions
 from worker import imaging
 
@@ -119,12 +126,13 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     return InferRequest(request_id, tensor, chunks[0], _requested_outputs(payload.get("outputs"), binary_default))
 
 
-def request_images(request: InferRequest, max_batch: int, shape: tuple[int, ...]) -> np.ndarray:
+def request_images(request: InferRequest, max_batch: int, shape: tuple[int, ...],
+                   limits: PixelLimits | None = None) -> np.ndarray:
     """The request's images as the model's float32 (N, *shape) batch: UINT8 tensors resized to the model's
-    input, image files decoded at it; at most `max_batch` images (413)."""
+    input, image files decoded at it (after their headers passed `limits`); at most `max_batch` images (413)."""
     if request.tensor["name"] == IMAGE_INPUT:
         return _image_tensor(request.tensor, request.chunk, max_batch, shape)
-    return _image_bytes_tensor(request.tensor, request.chunk, max_batch, shape)
+    return _image_bytes_tensor(request.tensor, request.chunk, max_batch, shape, limits or PixelLimits())
 
 
 def _parameters(value: Any, what: str) -> dict[str, Any]:
@@ -246,7 +254,7 @@ def _resized(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _image_bytes_tensor(tensor: dict[str, Any], chunk: bytes | None, max_batch: int,
-                        shape: tuple[int, ...]) -> np.ndarray:
+                        shape: tuple[int, ...], limits: PixelLimits) -> np.ndarray:
     """`image_bytes`: BYTES [N] (or [N, 1]) of encoded image files -> float32 (N, *shape)."""
     dims = tensor["shape"]
     if tensor["datatype"] != "BYTES":
@@ -260,13 +268,15 @@ def _image_bytes_tensor(tensor: dict[str, Any], chunk: bytes | None, max_batch: 
         if len(files) != count:
             raise BadRequest(f"input {IMAGE_BYTES_INPUT!r}: shape {dims} has {count} elements, the binary data "
                              f"holds {len(files)}")
-        arrays = [decode_image(data, _label(i), size) for i, data in enumerate(files)]
     else:
         elements = _flatten(tensor["data"])
         if len(elements) != count:
             raise BadRequest(f"input {IMAGE_BYTES_INPUT!r}: shape {dims} has {count} elements, 'data' has "
                              f"{len(elements)}")
-        arrays = [_json_image(element, i, size) for i, element in enumerate(elements)]
+        files = [_json_image_bytes(element, i) for i, element in enumerate(elements)]
+    labelled = [(_label(i), data) for i, data in enumerate(files)]
+    check_pixels(labelled, limits)  # from the headers, before any image is decoded
+    arrays = [decode_image(data, label, size, max_pixels=limits.per_image) for label, data in labelled]
     return np.stack(arrays).astype(np.float32)
 
 
@@ -283,13 +293,13 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _json_image(element: Any, index: int, size: int) -> np.ndarray:
+def _json_image_bytes(element: Any, index: int) -> bytes:
     """A BYTES element in JSON: the base64 of an image file (JSON cannot hold raw bytes), or {"b64": ...}."""
     if isinstance(element, dict) and set(element) == {"b64"}:
         element = element["b64"]
     if not isinstance(element, str):
         raise BadRequest(f"{_label(index)} must be a base64 string of an image file")
-    return decode_b64(element, _label(index), size)
+    return b64_bytes(element, _label(index))
 
 
 def deserialize_bytes(data: bytes, what: str) -> list[bytes]:
@@ -398,12 +408,15 @@ TFS_INPUT_NAMES = frozenset({IMAGE_INPUT, IMAGE_BYTES_INPUT, "images", "input"})
 TFS_SIGNATURES = frozenset({"serving_default", "predict"})
 
 
-def parse_tfserving_request(body: bytes, max_batch: int, shape: tuple[int, ...]) -> tuple[np.ndarray, bool]:
+def parse_tfserving_request(body: bytes, max_batch: int, shape: tuple[int, ...],
+                            limits: PixelLimits | None = None) -> tuple[np.ndarray, bool]:
     """A TF Serving predict body -> the model's float32 batch, and whether it was the columnar (`inputs`) form.
 
     Row form `{"instances": [...]}`, columnar `{"inputs": [...]}` or `{"inputs": {"image": [...]}}`; each
     instance an H x W x 3 nested list of 0..255 (the model's size), `{"b64": "<image file>"}`, or either under
-    the input's name (`{"image": ...}`)."""
+    the input's name (`{"image": ...}`). A body with more values than `max_batch` such images is refused
+    before it is parsed, and image files' headers are checked against `limits` before any is decoded."""
+    refuse_oversized_json(body, max_batch, shape)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -430,11 +443,16 @@ def parse_tfserving_request(body: bytes, max_batch: int, shape: tuple[int, ...])
         raise BadRequest(f"'{key}' must be a non-empty list of images")
     if len(instances) > max_batch:
         raise PayloadTooLarge(f"too many images: {len(instances)}, at most {max_batch} per request (TL_MAX_BATCH)")
-    arrays = [_tfs_instance(instance, f"{key}[{index}]", shape) for index, instance in enumerate(instances)]
+    rows = [_tfs_instance(instance, f"{key}[{index}]", shape) for index, instance in enumerate(instances)]
+    limits = limits or PixelLimits()
+    check_pixels([(label, row) for label, row in rows if isinstance(row, bytes)], limits)
+    arrays = [decode_image(row, label, int(shape[0]), max_pixels=limits.per_image).astype(np.float32)
+              if isinstance(row, bytes) else row for label, row in rows]
     return np.stack(arrays), columnar
 
 
-def _tfs_instance(instance: Any, where: str, shape: tuple[int, ...]) -> np.ndarray:
+def _tfs_instance(instance: Any, where: str, shape: tuple[int, ...]) -> tuple[str, np.ndarray | bytes]:
+    """One instance: its label, and its pixels (a nested list) or its image file (b64, decoded later)."""
     label = f"image {where}"
     if isinstance(instance, dict) and len(instance) == 1 and next(iter(instance)) in TFS_INPUT_NAMES:
         instance = next(iter(instance.values()))  # a row with its input named
@@ -442,9 +460,9 @@ def _tfs_instance(instance: Any, where: str, shape: tuple[int, ...]) -> np.ndarr
         if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
             raise BadRequest(f"{label} must be {{\"b64\": \"<base64 of an image file>\"}} or a "
                              f"{'x'.join(map(str, shape))} nested list of numbers 0..255")
-        return decode_b64(instance["b64"], label, int(shape[0])).astype(np.float32)
+        return label, b64_bytes(instance["b64"], label)
     if isinstance(instance, list):
-        return nested_list_to_array(instance, label, [where], shape)
+        return label, nested_list_to_array(instance, label, [where], shape)
     raise BadRequest(f"{label} must be a {'x'.join(map(str, shape))} nested list of numbers 0..255 or "
                      "{\"b64\": \"<base64 of an image file>\"}")
 

@@ -385,3 +385,15 @@ def test_the_bearer_key_guards_v2_but_not_its_health_probes(redis_url: str, arti
     assert client.post(INFER, json={"inputs": [image_tensor(ZEROS)]}).status_code == 401
     authorized = client.post(INFER, json={"inputs": [image_tensor(ZEROS)]}, headers={"Authorization": "Bearer s3cret"})
     assert authorized.status_code == 200
+
+
+def test_oip_image_files_are_bounded_by_their_headers(client: TestClient, model: str) -> None:
+    import base64 as b64module
+
+    from svc_helpers import raw_png
+
+    bomb = b64module.b64encode(raw_png(6320, 6320, 1, 0, None)).decode()
+    body = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [bomb]}]}
+    response = client.post(f"/v2/models/{model}/infer", json=body)
+    assert response.status_code == 413, response.text
+    assert "TL_MAX_IMAGE_PIXELS" in response.json()["error"]

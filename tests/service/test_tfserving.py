@@ -146,3 +146,14 @@ def test_tfserving_predict_is_counted_and_needs_the_key(redis_url: str, artifact
     metrics = client.get("/metrics").text
     assert "tl_predictions_total 3.0" in metrics
     assert 'route="/v1/models/{name}:predict",status="200"' in metrics
+
+
+def test_pixel_bombs_and_oversized_json_are_refused_before_decoding(client: TestClient, model: str) -> None:
+    from svc_helpers import raw_png
+
+    bomb = {"b64": base64.b64encode(raw_png(6320, 6320, 1, 0, None)).decode()}  # 40 MP declared, a few bytes
+    assert_error(client.post(PREDICT, json={"instances": [bomb]}), 413, "TL_MAX_IMAGE_PIXELS")
+    several = {"b64": base64.b64encode(raw_png(3000, 3000, 1, 0, None)).decode()}  # 9 MP each: 8 pass 64 MP
+    assert_error(client.post(PREDICT, json={"instances": [several] * 8}), 413, "TL_MAX_REQUEST_PIXELS")
+    image = np.zeros((32, 32, 3), dtype=int).tolist()
+    assert_error(client.post(PREDICT, json={"instances": [image] * 70}), 413, "TL_MAX_BATCH")
