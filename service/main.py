@@ -36,8 +36,7 @@ from service.serving.cache import ModelCache
 from worker.config import Settings, get_settings
 from worker.jobstore import AsyncJobStore
 from worker.queue import make_celery
-from worker.store import ModelStore
-from worker.store.datasets import DatasetStore
+from worker.store import open_dataset_store, open_model_store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def redis_client(settings: Settings, *, pool_size: int = REDIS_POOL_SIZE) -> aio
 
 def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
     """Everything the routes share; nothing here connects yet or loads a model."""
-    store = ModelStore(settings.artifact_dir)
+    store = open_model_store(settings, check=True)  # a missing bucket fails the lifespan, naming it
     executor = ThreadPoolExecutor(max_workers=settings.model_cache_size, thread_name_prefix="tl-infer")
     cache = ModelCache(store, executor, size=settings.model_cache_size, threads=settings.serving_threads,
                        max_batch=settings.max_batch, window_ms=settings.batch_window_ms,
@@ -79,7 +78,7 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
                        on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds))
     celery = make_celery(settings)
     job_store = AsyncJobStore(redis_client(settings), settings.job_ttl_seconds)
-    datasets = DatasetService(DatasetStore(settings.artifact_dir), job_store, celery, settings.job_lost_seconds)
+    datasets = DatasetService(open_dataset_store(settings), job_store, celery, settings.job_lost_seconds)
     # The event streams' one pub/sub connection lives on a client of its own: it never takes from the main pool.
     feed = ChangeFeed(redis_client(settings, pool_size=2))
     jobs = JobService(job_store, celery, settings.job_lost_seconds, datasets, published=store.metadata, feed=feed,

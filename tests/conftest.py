@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import testkit  # first: it puts the repository ahead of tests/ on sys.path
+from s3kit import SeaweedS3, aws_environment, seaweed_s3
 
 from service.launcher import ensure_redis
 
@@ -19,3 +20,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testkit.R
     yield testkit.RedisServer.from_url(url)
     if child is not None:
         child.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 endpoint (SeaweedFS), started on first use and stopped at the end of the session, with the
+    AWS_* variables pointing boto3 at it meanwhile."""
+    with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as server, aws_environment(server.endpoint):
+        yield server

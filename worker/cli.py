@@ -42,7 +42,8 @@ from worker.engine.pipeline import LogReporter  # no TensorFlow at import: argum
 from worker.errors import InvalidSpec, JobCancelled, TrainingError
 from worker.jobstore import utc_now
 from worker.spec import CIFAR10, JobCreate
-from worker.store.datasets import DatasetRecord, DatasetStore, new_dataset_id
+from worker.store import open_dataset_store
+from worker.store.datasets import DatasetRecord, new_dataset_id
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: The bounds of POST /v1/datasets' `test_fraction`.
@@ -156,7 +157,7 @@ def _local_source(value: str) -> Path | None:
 
 
 def _known_dataset(settings: Settings, dataset_id: str) -> bool:
-    return bool(_ID.match(dataset_id)) and DatasetStore(settings.artifact_dir).get(dataset_id) is not None
+    return bool(_ID.match(dataset_id)) and open_dataset_store(settings).get(dataset_id) is not None
 
 
 def _dataset_name(path: Path) -> str:
@@ -202,7 +203,7 @@ def prepare_dataset(source: Path, settings: Settings, *, test_fraction: float, s
     nothing of the dataset is kept."""
     from worker.dataset_tasks import process_dataset_now  # Celery's module, imported only for this (no broker)
 
-    store = DatasetStore(settings.artifact_dir)
+    store = open_dataset_store(settings)
     dataset_id = new_dataset_id()
     try:
         with store.receiving(dataset_id) as upload:
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--test-fraction: only for a --dataset that is a local folder or archive")
     if source is None and dataset_arg != CIFAR10 and not _known_dataset(settings, dataset_arg):
         parser.error(f"--dataset {dataset_arg}: no such folder or archive, and no dataset of that id under "
-                     f"{DatasetStore(settings.artifact_dir).root}")
+                     f"{open_dataset_store(settings).root}")
     try:  # every flag is checked before a dataset is processed (a job on any uploaded dataset validates alike)
         spec = spec_from_args({**args, "dataset": _PENDING_ID if source is not None else dataset_arg})
     except ValidationError as exc:

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker, result backend and job store")
     artifact_dir: Path = Field(Path("./artifacts"), description="models and cached features are written here")
     data_dir: Path = Field(Path("./data"), description="looked in first for CIFAR-10")
+    artifact_url: str | None = Field(None, description="s3://bucket/prefix: models in S3-compatible object storage "
+                                     "(AWS_ENDPOINT_URL and AWS_* credentials) instead of TL_ARTIFACT_DIR")
+    cache_dir: Path = Field(Path("./cache"), description="this host's own caches (models downloaded from "
+                                                        "TL_ARTIFACT_URL); never shared, safe to delete")
     weights_dir: Path | None = Field(None, description="looked in first for MobileNetV2 ImageNet weights")
     api_key: str | None = Field(None, description="bearer token required on /v1 routes when set")
     port: int = Field(8000, ge=1, le=65535, description="API port for the quick-start command")

@@ -23,6 +23,7 @@ from celery.worker.request import Request
 from worker.config import Settings, get_settings
 from worker.errors import ArtifactWriteError
 from worker.queue import DATASET_TASK, make_celery
+from worker.store import open_dataset_store
 from worker.store.datasets import LOST_MESSAGE, DatasetError, DatasetRecord, DatasetStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def process_dataset_now(dataset_id: str, settings: Settings | None = None) -> st
     from worker import datasets
 
     settings = settings or get_settings()
-    store = DatasetStore(settings.artifact_dir)
+    store = open_dataset_store(settings)
     record = store.get(dataset_id)
     if record is None or record.status != "processing":
         log.info("dataset %s: nothing to process (%s)", dataset_id, record.status if record else "no record")
@@ -114,7 +115,7 @@ class DatasetRequest(Request):
             return
         dataset_id = self.args[0] if self.args else self.id
         try:
-            store = DatasetStore(get_settings().artifact_dir)
+            store = open_dataset_store(get_settings())
             record = store.get(dataset_id)
             if record is not None and record.status == "processing":
                 _fail(store, record, "WorkerLost", f"the process handling this dataset died ({exc}); if it ran out "
@@ -137,7 +138,7 @@ def process_dataset(dataset_id: str) -> dict[str, str]:
 def fail_lost(**_: Any) -> None:
     """On start: fail datasets whose processing stopped sending heartbeats (a crash before this start)."""
     settings = get_settings()
-    store = DatasetStore(settings.artifact_dir)
+    store = open_dataset_store(settings)
     for record in store.list():
         if record.lost(time.time(), settings.job_lost_seconds):
             _fail(store, record, "WorkerLost", LOST_MESSAGE)

@@ -43,7 +43,7 @@ from worker.jobstore import (
     utc_now,
 )
 from worker.spec import JobCreate
-from worker.store import ModelStore
+from worker.store import open_model_store
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _finish(store: JobStore, job_id: str, fields: dict[str, Any], from_statuses:
 def _discard_model(settings: Settings, job_id: str, model_id: str, why: str) -> None:
     log.warning("job %s: removing model %s (%s)", job_id, model_id, why)
     try:
-        ModelStore(settings.artifact_dir).delete(model_id)
+        open_model_store(settings).delete(model_id)
     except OSError:
         log.exception("job %s: could not remove model %s", job_id, model_id)
 

@@ -27,7 +27,7 @@ from worker.config import get_settings
 from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
-from worker.store import ModelStore
+from worker.store import open_model_store
 from worker.store.sweep import sweep_artifacts
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def sweep_lost_jobs(**_: Any) -> None:
 
     # What a killed process left: staging, trash, temporary files, caches past their bounds (never raises).
     sweep_artifacts(settings, more=cache_sweeps(settings))
-    models = ModelStore(settings.artifact_dir)
+    models = open_model_store(settings)
     try:
         store = job_store(settings)
         ended = {job_id: outcome for job_id in store.active_ids()

@@ -21,7 +21,8 @@ from worker.store import METADATA_FILE, TFLITE_FILE
 def make_settings(redis_url: str, artifact_dir: Path, **overrides: Any) -> Settings:
     """Settings for one test; every value the tests rely on is given, so TL_* variables cannot leak in."""
     values: dict[str, Any] = {
-        "redis_url": redis_url, "artifact_dir": artifact_dir,
+        "redis_url": redis_url, "artifact_dir": artifact_dir, "artifact_url": None,
+        "cache_dir": artifact_dir.parent / "cache",
         "data_dir": testkit.data_dir() or testkit.SHARED / "data",
         "weights_dir": testkit.weights_dir() or testkit.SHARED / "weights",
         "api_key": None, "max_upload_bytes": 10 * 1024 * 1024, "max_batch": 64,

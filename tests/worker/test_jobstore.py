@@ -121,7 +121,7 @@ def test_a_job_reaped_while_it_saved_is_recorded_succeeded_and_keeps_its_model(s
     job_id = claim(store, "m_saved")
     age_heartbeat(store, job_id, 120)
     assert store.reap(job_id, 45).status == "failed"  # type: ignore[union-attr]  # e.g. a partition hid beats
-    settings = SimpleNamespace(artifact_dir=tmp_path)
+    settings = SimpleNamespace(artifact_dir=tmp_path, artifact_url=None)
     reporter = JobReporter(store, job_id, Progress(stage="saving", epochs=2))
     job = store.get(job_id)
     assert _record_success(store, settings, job, reporter, _result("m_saved")) == "succeeded"  # type: ignore[arg-type]
@@ -136,7 +136,7 @@ def test_a_job_cancelled_while_it_saved_discards_the_model(store: JobStore, tmp_
     models = tmp_path / "models" / "m_cancelled"
     models.mkdir(parents=True)
     (models / "metadata.json").write_text("{}")
-    settings = SimpleNamespace(artifact_dir=tmp_path)
+    settings = SimpleNamespace(artifact_dir=tmp_path, artifact_url=None)
     reporter = JobReporter(store, job_id, Progress(stage="saving", epochs=2))
     job = store.get(job_id)
     assert _record_success(store, settings, job, reporter, _result("m_cancelled")) == "cancelled"  # type: ignore[arg-type]

@@ -16,14 +16,15 @@ from worker.config import Settings
 from worker.engine.data import TEST_STREAM, TRAIN_STREAM, Dataset, Split, Subset
 from worker.errors import DataNotFound, InvalidSpec
 from worker.imaging import resize
-from worker.store.datasets import DatasetStore, read_summary
+from worker.store import open_dataset_store
+from worker.store.datasets import read_summary
 
 
 def load_uploaded(settings: Settings, dataset_id: str) -> tuple[Dataset, list[str]]:
     """The ready dataset `dataset_id` (arrays memory-mapped) and its class names."""
     from worker.datasets import load_arrays
 
-    store = DatasetStore(settings.artifact_dir)
+    store = open_dataset_store(settings)
     data_dir = store.data_dir(dataset_id)
     record = store.get(dataset_id)
     if data_dir is None or record is None or record.status != "ready":

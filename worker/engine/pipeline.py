@@ -43,7 +43,7 @@ from worker.errors import ArtifactWriteError, JobCancelled, TrainingDiverged
 from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.store import CONFUSION_FILE, CURVES_FILE, KERAS_FILE, METADATA_FILE, ModelStore, write_json_atomic
+from worker.store import CONFUSION_FILE, CURVES_FILE, KERAS_FILE, METADATA_FILE, open_model_store, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def train_job(spec: JobCreate, settings: Settings, reporter: Reporter, *, job_id
     progress.check_cancel()
 
     progress.enter("saving")
-    store = ModelStore(settings.artifact_dir)
+    store = open_model_store(settings)
     with store.staging(model_id) as staging:
         try:
             export = _write_model_files(job, trained, staging, test_accuracy, evaluation)

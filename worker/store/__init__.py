@@ -1,9 +1,15 @@
 """The artifact store: models written completely or not at all, and the aliases that name them.
 
 No TensorFlow here: the API reads the store through this package. `local` keeps everything under
-`TL_ARTIFACT_DIR`.
+`TL_ARTIFACT_DIR`; `s3` keeps models in S3-compatible object storage when `TL_ARTIFACT_URL` is set
+(`open_model_store` picks one; every process builds its model store through it).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from worker.store.datasets import DatasetStore
 from worker.store.local import (
     ALIAS_PATTERN,
     CONFUSION_FILE,
@@ -21,7 +27,32 @@ from worker.store.local import (
     write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+
+def open_model_store(settings: Settings, *, check: bool = False) -> ModelStore:
+    """The model store `settings` name: `S3ModelStore` when `TL_ARTIFACT_URL` is set, else the local directory
+    (exactly as before). `check` fails at once, naming the bucket, when the bucket does not exist (start-up)."""
+    if not settings.artifact_url:
+        return ModelStore(settings.artifact_dir)
+    from worker.store.s3 import S3ModelStore  # boto3 is imported only in S3 mode
+
+    store = S3ModelStore(settings.artifact_url, settings.cache_dir)
+    if check:
+        store.check()
+    # S3ModelStore offers ModelStore's public interface (tests/store/test_s3.py drives both the same way).
+    return cast(ModelStore, store)
+
+
+def open_dataset_store(settings: Settings) -> DatasetStore:
+    """The dataset store of `settings`. Datasets stay in TL_ARTIFACT_DIR in both modes for now (no S3 backend
+    for datasets yet): with TL_ARTIFACT_URL set, the API and the dataset worker must share that directory."""
+    return DatasetStore(settings.artifact_dir)
+
+
 __all__ = [
+    "open_model_store", "open_dataset_store", "DatasetStore",
     "ALIAS_PATTERN", "CONFUSION_FILE", "CURVES_FILE", "EXPORT_FILES", "ID_PATTERN", "KERAS_FILE", "METADATA_FILE",
     "RESERVED_ALIASES", "TFLITE_FILE",
     "ModelInfo", "ModelStore", "valid_id", "write_atomic", "write_json_atomic",

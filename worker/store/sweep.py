@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.config import Settings
-from worker.store.datasets import DatasetStore
-from worker.store.local import SWEEP_MAX_AGE_SECONDS, ModelStore
+from worker.store import open_dataset_store, open_model_store
+from worker.store.local import SWEEP_MAX_AGE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ def sweep_artifacts(settings: Settings, max_age_seconds: float = SWEEP_MAX_AGE_S
     `more` (the worker adds the engine's caches: `worker.engine.caches.cache_sweeps`). Never raises: a sweep
     that fails is logged and the rest goes on. Returns the number of paths removed per part."""
     parts: dict[str, Sweep] = {
-        "models": ModelStore(settings.artifact_dir).sweep,
-        "datasets": DatasetStore(settings.artifact_dir).sweep,
+        "models": open_model_store(settings, check=True).sweep,
+        "datasets": open_dataset_store(settings).sweep,
         **(more or {}),
     }
     counts = {}

@@ -1,0 +1,438 @@
+"""The artifact store in S3-compatible object storage (`TL_ARTIFACT_URL=s3://bucket/prefix`), through boto3.
+
+Layout under `s3://bucket/prefix/`:
+    models/{model_id}/{file}           every file of the model directory (model.keras, model.tflite, ...)
+    models/{model_id}/manifest.json    written LAST: {"files": {name: {"bytes", "sha256"}}, "metadata": {...}}
+    aliases/{alias}                    one object per alias, holding the model id
+
+A model exists when its manifest exists: publish uploads every file first and the manifest last, so a model
+half-uploaded (a worker killed mid-upload) is never listed; delete removes the manifest first, so a model is
+never half-deleted from a reader's point of view. `model_dir` downloads a model once into
+`TL_CACHE_DIR/models/{id}/`, checking every file's size and sha256 against the manifest, and returns that
+local path, so serving and downloads read files as with the local store.
+
+Aliases are one object each, so two writers of different aliases never touch the same object, and two writers
+of the same alias are "last writer wins", as with the local store. We rely on no conditional write
+(If-None-Match / If-Match on PUT): AWS S3 (since 2024) and MinIO support them; SeaweedFS had them on GET/HEAD
+only until 3.97 (seaweedfs/seaweedfs#6433, added by #7154 in 2025) and 4.16 still let concurrent
+`If-None-Match: *` PUTs all succeed (seaweedfs/seaweedfs#8800), so the store uses plain PUT/GET/DELETE and
+works the same on all three. A `set_alias` racing a `delete` re-checks the manifest after its PUT and takes
+the alias back when the model went meanwhile.
+
+The endpoint and credentials come from the standard AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_REGION, read by boto3 itself; no message here ever contains a credential.
+Every failure to reach the store is a `StoreUnavailable` (an OSError: the registry answers 503).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from worker.errors import ArtifactWriteError
+from worker.store.local import (
+    METADATA_FILE,
+    SWEEP_MAX_AGE_SECONDS,
+    ModelGone,
+    ModelInfo,
+    _model_info,
+    _valid_metadata,
+    sweep_entries,
+    valid_id,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MANIFEST_FILE = "manifest.json"
+#: How long a manifest's existence, the listing and the aliases are trusted before asking the store again:
+#: a model deleted by another host stops being resolved (and served) within this long.
+FRESH_SECONDS = 2.0
+_CHUNK = 1024 * 1024
+
+
+class StoreUnavailable(OSError):
+    """The object store cannot be reached or answered an error (the API maps OSError to 503)."""
+
+
+class StoreConfigError(RuntimeError):
+    """The store named in TL_ARTIFACT_URL cannot be used (no such bucket, access denied): a start-up error."""
+
+
+class StoreIntegrityError(StoreUnavailable):
+    """A downloaded file does not match the manifest (size or sha256)."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix without slashes at either end) of `s3://bucket/prefix`."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreConfigError(f"TL_ARTIFACT_URL must look like s3://bucket/prefix, not {parsed.scheme}://...")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def _error_text(exc: BaseException) -> str:
+    """What went wrong, without anything a botocore message might carry besides the code (never credentials)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{type(exc).__name__} {code}"
+    return type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class S3ModelStore:
+    """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
+
+    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
+        import boto3  # here, not at import time: only S3 mode pays for it
+        from botocore.config import Config
+
+        self.url = url
+        self.bucket, prefix = parse_url(url)
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.cache_dir = Path(cache_dir)
+        #: Where models are staged and downloaded on this host (named like the local store's for messages).
+        self.models_dir = self.cache_dir / "models"
+        self._staging_dir = self.cache_dir / "models-staging"
+        self._fresh = fresh_seconds
+        self._client = client or boto3.client("s3", config=Config(
+            connect_timeout=3, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}))
+        self._lock = threading.Lock()
+        self._download_lock = threading.Lock()
+        # model id -> (checked at, manifest or None when absent)
+        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._listing: tuple[float, list[str]] | None = None
+        self._aliases: tuple[float, dict[str, str]] | None = None
+
+    # ----- S3 plumbing -----
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def _s3(self, call: Callable[..., T], **kwargs: Any) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            raise StoreUnavailable(f"the artifact store (bucket {self.bucket!r}) answered {_error_text(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"the artifact store (bucket {self.bucket!r}) is unreachable: "
+                                   f"{_error_text(exc)}") from exc
+
+    def _get(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body: bytes = self._s3(self._client.get_object, Key=key)["Body"].read()
+            return body
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, ClientError) and \
+                    exc.__cause__.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def _keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._s3(self._client.list_objects_v2, **kwargs)
+            yield from page.get("Contents", [])
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def check(self) -> None:
+        """Fail with a clear StoreConfigError naming the bucket when it does not exist or cannot be used."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreConfigError(f"the bucket {self.bucket!r} of TL_ARTIFACT_URL does not exist at the S3 "
+                                       "endpoint (AWS_ENDPOINT_URL); create it first") from None
+            raise StoreConfigError(f"the bucket {self.bucket!r} of TL_ARTIFACT_URL cannot be used: S3 answered "
+                                   f"{code} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
+        except BotoCoreError as exc:
+            raise StoreConfigError(f"the S3 endpoint of TL_ARTIFACT_URL (bucket {self.bucket!r}) is unreachable: "
+                                   f"{_error_text(exc)}") from None
+
+    # ----- writing (the worker) -----
+
+    @contextlib.contextmanager
+    def staging(self, model_id: str) -> Iterator[Path]:
+        """A fresh local staging directory for `model_id`; removed on any error, left for `publish` otherwise."""
+        if not valid_id(model_id):
+            raise ValueError(f"invalid model id {model_id!r}")
+        staging = self._staging_dir / f"{model_id}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise ArtifactWriteError(f"cannot create a staging directory under {self._staging_dir}: "
+                                     f"{exc.strerror or exc}; check TL_CACHE_DIR") from exc
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def publish(self, staging: Path, model_id: str) -> Path:
+        """Upload every file of a complete staging directory, then its manifest (last); the staging directory
+        becomes this host's cached copy. Nothing is listed unless the manifest was written."""
+        files: dict[str, dict[str, Any]] = {}
+        try:
+            for child in sorted(staging.iterdir()):
+                files[child.name] = {"bytes": child.stat().st_size, "sha256": _sha256(child)}
+                with open(child, "rb") as f:
+                    self._s3(self._client.upload_fileobj, Fileobj=f, Key=self._key("models", model_id, child.name))
+            metadata = json.loads((staging / METADATA_FILE).read_bytes())
+            manifest = {"id": model_id, "files": files, "metadata": metadata}
+            self._s3(self._client.put_object, Key=self._key("models", model_id, MANIFEST_FILE),
+                     Body=json.dumps(manifest, sort_keys=True).encode("utf-8"), ContentType="application/json")
+        except (OSError, ValueError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._remove_files(model_id)
+            raise ArtifactWriteError(f"cannot write model {model_id} to {self.url}: {exc}") from exc
+        with self._lock:
+            self._manifests[model_id] = (time.monotonic(), manifest)
+            self._listing = None
+        final = self.models_dir / model_id
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            staging.rename(final)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # the store has it; this host downloads it when asked
+        return final
+
+    # ----- reading (the API) -----
+
+    def _manifest(self, model_id: str) -> dict[str, Any] | None:
+        """The manifest of a complete model (trusted for `fresh_seconds`), or None."""
+        if not valid_id(model_id) or model_id.startswith("."):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            cached = self._manifests.get(model_id)
+        if cached is not None and now - cached[0] < self._fresh:
+            return cached[1]
+        raw = self._get(self._key("models", model_id, MANIFEST_FILE))
+        manifest: dict[str, Any] | None = None
+        if raw is not None:
+            try:
+                data = json.loads(raw)
+                manifest = data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+            except ValueError:
+                log.warning("model %s: ignoring it, its manifest is not JSON", model_id)
+        with self._lock:
+            self._manifests[model_id] = (now, manifest)
+        if manifest is None:
+            shutil.rmtree(self.models_dir / model_id, ignore_errors=True)  # deleted elsewhere: drop our copy
+        return manifest
+
+    def model_dir(self, model_id: str) -> Path | None:
+        """The local directory of a complete model (downloaded and verified on first use), or None."""
+        manifest = self._manifest(model_id)
+        if manifest is None:
+            return None
+        final = self.models_dir / model_id
+        if self._complete(final, manifest):
+            return final
+        with self._download_lock:
+            if not self._complete(final, manifest):
+                self._download(model_id, manifest, final)
+        return final
+
+    @staticmethod
+    def _complete(path: Path, manifest: dict[str, Any]) -> bool:
+        """The cached copy has every file at the manifest's size (its hashes were checked when downloaded)."""
+        try:
+            return all((path / name).stat().st_size == entry["bytes"] for name, entry in manifest["files"].items())
+        except (OSError, KeyError, TypeError):
+            return False
+
+    def _download(self, model_id: str, manifest: dict[str, Any], final: Path) -> None:
+        tmp = self.models_dir / f".{model_id}-{secrets.token_hex(4)}"
+        tmp.mkdir(parents=True)
+        try:
+            for name, entry in manifest["files"].items():
+                if "/" in name or name.startswith("."):
+                    raise StoreIntegrityError(f"model {model_id}: manifest names a bad file {name!r}")
+                target = tmp / name
+                with open(target, "wb") as f:
+                    self._s3(self._client.download_fileobj, Key=self._key("models", model_id, name), Fileobj=f)
+                size, digest = target.stat().st_size, _sha256(target)
+                if size != entry["bytes"] or digest != entry["sha256"]:
+                    raise StoreIntegrityError(f"model {model_id}: {name} does not match its manifest "
+                                              f"({size} bytes, sha256 {digest[:12]}...; expected {entry['bytes']} "
+                                              f"bytes, {str(entry['sha256'])[:12]}...)")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def metadata(self, model_id: str) -> dict[str, Any] | None:
+        """The model's metadata (carried in its manifest), or None when absent or malformed."""
+        manifest = self._manifest(model_id)
+        if manifest is None:
+            return None
+        raw = json.dumps(manifest.get("metadata")).encode("utf-8")
+        return _valid_metadata(model_id, Path(self._key("models", model_id, MANIFEST_FILE)), raw)
+
+    def list_ids(self) -> list[str]:
+        """Ids of every model with a manifest and valid metadata, newest first (the listing is reused for
+        `fresh_seconds`; each manifest is fetched once per `fresh_seconds`)."""
+        now = time.monotonic()
+        with self._lock:
+            listing = self._listing
+        if listing is None or now - listing[0] >= self._fresh:
+            prefix = self._key("models", "")
+            ids = [obj["Key"][len(prefix):].split("/")[0] for obj in self._keys(prefix)
+                   if obj["Key"].endswith("/" + MANIFEST_FILE)]
+            listing = (now, ids)
+            with self._lock:
+                self._listing = listing
+        dated = []
+        for model_id in listing[1]:
+            meta = self.metadata(model_id)
+            if meta is not None:
+                dated.append((str(meta["created_at"]), model_id))
+        dated.sort(reverse=True)
+        return [model_id for _, model_id in dated]
+
+    def info(self, model_id: str, aliases: dict[str, str] | None = None) -> ModelInfo | None:
+        meta = self.metadata(model_id)
+        if meta is None:
+            return None
+        aliases = self.read_aliases() if aliases is None else aliases
+        try:
+            return _model_info(meta, sorted(a for a, m in aliases.items() if m == model_id))
+        except ValidationError:
+            return None
+
+    def list(self) -> builtins.list[ModelInfo]:
+        aliases = self.read_aliases()
+        infos = (self.info(model_id, aliases) for model_id in self.list_ids())
+        return [info for info in infos if info is not None]
+
+    def resolve(self, ref: str) -> str | None:
+        """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
+        if ref == "latest":
+            ids = self.list_ids()
+            return ids[0] if ids else None
+        if self._manifest(ref) is not None:
+            return ref
+        target = self.read_aliases().get(ref)
+        if target is not None and self._manifest(target) is not None:
+            return target
+        return None
+
+    def delete(self, model_id: str) -> bool:
+        """Remove a model: its manifest first (no longer listed or served), then its aliases and files."""
+        with self._lock:
+            self._manifests.pop(model_id, None)
+        if self._manifest(model_id) is None:
+            return False
+        self._s3(self._client.delete_object, Key=self._key("models", model_id, MANIFEST_FILE))
+        with self._lock:
+            self._manifests[model_id] = (time.monotonic(), None)
+            self._listing = None
+        for alias, target in self._read_aliases_now().items():
+            if target == model_id:
+                self._s3(self._client.delete_object, Key=self._key("aliases", alias))
+        self._remove_files(model_id)
+        shutil.rmtree(self.models_dir / model_id, ignore_errors=True)
+        return True
+
+    def _remove_files(self, model_id: str) -> None:
+        with contextlib.suppress(OSError):
+            for obj in list(self._keys(self._key("models", model_id, ""))):
+                self._s3(self._client.delete_object, Key=obj["Key"])
+
+    def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
+        """Remove this host's staging leftovers untouched for `max_age_seconds`, and in the bucket the files
+        of models that never got a manifest (a worker killed mid-upload) once as old. Local paths removed."""
+        removed = sweep_entries(self._staging_dir, max_age_seconds)
+        by_model: dict[str, builtins.list[dict[str, Any]]] = {}
+        prefix = self._key("models", "")
+        for obj in self._keys(prefix):
+            by_model.setdefault(obj["Key"][len(prefix):].split("/")[0], []).append(obj)
+        cutoff = time.time() - max_age_seconds
+        for model_id, objects in by_model.items():
+            if any(o["Key"].endswith("/" + MANIFEST_FILE) for o in objects):
+                continue
+            if all(o["LastModified"].timestamp() < cutoff for o in objects):
+                log.info("swept %d files of model %s from %s (no manifest: a killed upload)",
+                         len(objects), model_id, self.url)
+                for obj in objects:
+                    self._s3(self._client.delete_object, Key=obj["Key"])
+        return removed
+
+    # ----- aliases -----
+
+    def _read_aliases_now(self) -> dict[str, str]:
+        prefix = self._key("aliases", "")
+        aliases = {}
+        for obj in self._keys(prefix):
+            raw = self._get(obj["Key"])
+            if raw is not None:
+                aliases[obj["Key"][len(prefix):]] = raw.decode("utf-8", "replace").strip()
+        with self._lock:
+            self._aliases = (time.monotonic(), aliases)
+        return aliases
+
+    def read_aliases(self) -> dict[str, str]:
+        with self._lock:
+            cached = self._aliases
+        if cached is not None and time.monotonic() - cached[0] < self._fresh:
+            return dict(cached[1])
+        return self._read_aliases_now()
+
+    def set_alias(self, alias: str, model_id: str) -> None:
+        """Point `alias` at `model_id`; ModelGone when the model does not exist (checked again after the
+        write, and the alias taken back, so a concurrent delete leaves no alias dangling)."""
+        with self._lock:
+            self._manifests.pop(model_id, None)
+        if self._manifest(model_id) is None:
+            raise ModelGone(model_id)
+        self._s3(self._client.put_object, Key=self._key("aliases", alias), Body=model_id.encode("utf-8"))
+        with self._lock:
+            self._manifests.pop(model_id, None)
+            self._aliases = None
+        if self._manifest(model_id) is None:
+            self._s3(self._client.delete_object, Key=self._key("aliases", alias))
+            raise ModelGone(model_id)
+
+    def delete_alias(self, alias: str) -> bool:
+        if self._get(self._key("aliases", alias)) is None:
+            return False
+        self._s3(self._client.delete_object, Key=self._key("aliases", alias))
+        with self._lock:
+            self._aliases = None
+        return True
