@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -73,6 +74,12 @@ def is_inference(path: str) -> bool:
     """Predict routes of every protocol: `/v1/predict`, `/v1/models/{ref}/predict`, TF Serving's
     `/v1/models/{name}:predict`, and everything under `/v2` (KServe's Open Inference Protocol)."""
     return path.startswith("/v2/") or path.endswith(("/predict", ":predict"))
+
+
+def speaks_protocol_errors(path: str) -> bool:
+    """The standard protocols' routes (KServe v2 under `/v2`, TF Serving's `:predict`) answer errors as their
+    clients expect, `{"error": "..."}`; every other route answers problem+json."""
+    return path == "/v2" or path.startswith("/v2/") or path.endswith(":predict")
 
 
 def routed_path(scope: Scope) -> str:
@@ -160,7 +167,8 @@ class RequestGuard:
                 return
         length = _content_length(scope)
         if length == -1:
-            await _answer(send, 400, "invalid Content-Length header", close=True)
+            await _answer(send, 400, "invalid Content-Length header", close=True,
+                          protocol=speaks_protocol_errors(path))
             return
         if (scope["method"] in UNSAFE_METHODS and _body_expected(scope) and not is_inference(path)
                 and not (_header(scope, b"content-type") or b"").strip()):
@@ -216,15 +224,16 @@ class RequestGuard:
         """Answer before (the rest of) the body was read; with a body still coming, a lingering close."""
         if body_left is None:
             body_left = _body_expected(scope)
+        protocol = speaks_protocol_errors(routed_path(scope))
         if not body_left:
-            await _answer(send, status, detail, extra)
+            await _answer(send, status, detail, extra, protocol=protocol)
             return
         if _expects_continue(scope):  # the client waits for "100 Continue" before sending: nothing to drain
-            await _answer(send, status, detail, extra, close=True)
+            await _answer(send, status, detail, extra, close=True, protocol=protocol)
             return
         limit, _ = self._limit_for(scope)
         floor, seconds, idle = self._linger
-        await _answer(send, status, detail, extra, close=True, more_body=True)
+        await _answer(send, status, detail, extra, close=True, more_body=True, protocol=protocol)
         await _discard(receive, max(floor, 2 * limit), seconds, idle)
         await send({"type": "http.response.body", "body": b""})
 
@@ -336,11 +345,15 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _answer(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None,
-                  *, close: bool = False, more_body: bool = False) -> None:
-    """A problem+json answer; with `more_body`, its bytes are sent but the response is left open (ended by an
-    empty body message), so the server keeps delivering the request body meanwhile."""
-    body = problem_bytes(status, detail)
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+                  *, close: bool = False, more_body: bool = False, protocol: bool = False) -> None:
+    """A problem+json answer (the protocols' own `{"error": ...}` JSON with `protocol`); with `more_body`, its
+    bytes are sent but the response is left open (ended by an empty body message), so the server keeps
+    delivering the request body meanwhile."""
+    if protocol:
+        body, media = json.dumps({"error": detail}).encode(), b"application/json"
+    else:
+        body, media = problem_bytes(status, detail), b"application/problem+json"
+    headers = [(b"content-type", media), (b"content-length", str(len(body)).encode())]
     if close:  # the rest of the body was never read; the connection cannot be reused
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

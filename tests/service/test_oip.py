@@ -397,3 +397,16 @@ def test_oip_image_files_are_bounded_by_their_headers(client: TestClient, model:
     response = client.post(f"/v2/models/{model}/infer", json=body)
     assert response.status_code == 413, response.text
     assert "TL_MAX_IMAGE_PIXELS" in response.json()["error"]
+
+
+def test_the_guards_refusals_on_protocol_routes_are_the_protocols_error_json(
+        settings: Settings, app_client: Callable[[Settings], TestClient]) -> None:
+    client = app_client(settings.model_copy(update={"api_key": "k", "max_upload_bytes": 2048}))
+    for path in ("/v2/models/latest/infer", "/v1/models/latest:predict"):
+        unauthorised = client.post(path, json={})
+        assert unauthorised.status_code == 401 and unauthorised.json().keys() == {"error"}, unauthorised.text
+        assert unauthorised.headers["content-type"] == "application/json"
+        too_large = client.post(path, content=b"x" * 4096, headers={"Authorization": "Bearer k",
+                                                                    "Content-Type": "application/json"})
+        assert too_large.status_code == 413 and "TL_MAX_UPLOAD_BYTES" in too_large.json()["error"]
+    assert client.get("/v1/jobs").headers["content-type"] == "application/problem+json"  # /v1 keeps its own
