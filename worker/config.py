@@ -121,16 +121,22 @@ class Settings(BaseSettings):
         return tuple(name for name in self.allowed_hosts.split(",") if name)
 
     @property
+    def host_cache_root(self) -> Path:
+        """Where this host's engine caches live: TL_CACHE_DIR with an S3 store (never shared between hosts),
+        TL_ARTIFACT_DIR otherwise (where they always were, so a local setup keeps its caches)."""
+        return self.cache_dir if self.artifact_url else self.artifact_dir
+
+    @property
     def feature_cache_dir(self) -> Path:
-        return self.artifact_dir / "feature-cache"
+        return self.host_cache_root / "feature-cache"
 
     @property
     def data_cache_dir(self) -> Path:
-        return self.artifact_dir / "data-cache"
+        return self.host_cache_root / "data-cache"
 
     @property
     def export_template_dir(self) -> Path:
-        return self.artifact_dir / "export-templates"
+        return self.host_cache_root / "export-templates"
 
 
 @lru_cache

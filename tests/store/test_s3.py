@@ -200,3 +200,12 @@ def test_an_unreachable_store_is_an_oserror_without_credentials(tmp_path: Path,
         store.list_ids()
     assert isinstance(caught.value, OSError) and "tl-any" in str(caught.value)
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in str(caught.value)
+
+
+def test_engine_caches_move_to_the_cache_dir_only_with_an_s3_store(tmp_path: Path) -> None:
+    local = Settings(artifact_dir=tmp_path / "a", cache_dir=tmp_path / "c", artifact_url=None)
+    s3 = Settings(artifact_dir=tmp_path / "a", cache_dir=tmp_path / "c", artifact_url="s3://tl-any/x")
+    assert (local.feature_cache_dir, local.data_cache_dir, local.export_template_dir) == (
+        tmp_path / "a" / "feature-cache", tmp_path / "a" / "data-cache", tmp_path / "a" / "export-templates")
+    assert (s3.feature_cache_dir, s3.data_cache_dir, s3.export_template_dir) == (
+        tmp_path / "c" / "feature-cache", tmp_path / "c" / "data-cache", tmp_path / "c" / "export-templates")
