@@ -12,7 +12,6 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 #: The exports `TL_EXPORTS` may ask for (model.keras and the served float32 model.tflite are always made).
 EXTRA_EXPORTS = ("tflite-float16", "tflite-int8", "savedmodel")
 
