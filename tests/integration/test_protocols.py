@@ -43,8 +43,17 @@ def triton_client(stack: Stack) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture(scope="module")
-def model_id(baseline_job: dict[str, Any]) -> str:
-    return str(baseline_job["model_id"])
+def model_id(baseline_job: dict[str, Any], stack: Stack) -> Iterator[str]:
+    """The session's baseline model, also named by the alias `ALIAS` for this module (other tests' models may
+    be newer, so `latest` is not it)."""
+    model = str(baseline_job["model_id"])
+    with stack.client() as client:
+        assert client.put(f"/v1/aliases/{ALIAS}", json={"model_id": model}).status_code == 200
+        yield model
+        client.delete(f"/v1/aliases/{ALIAS}")
+
+
+ALIAS = "protocols"
 
 
 def v1_predictions(client: httpx.Client, model_id: str, x: np.ndarray) -> list[dict[str, Any]]:
@@ -71,13 +80,13 @@ def test_server_and_model_metadata(triton_client: triton.InferenceServerClient, 
     assert triton_client.is_server_ready()
     server = triton_client.get_server_metadata(headers=auth())
     assert {"classification", "binary_tensor_data"} <= set(server["extensions"])
-    metadata = triton_client.get_model_metadata("latest", headers=auth())
+    metadata = triton_client.get_model_metadata(ALIAS, headers=auth())
     assert metadata["versions"] == [model_id] and metadata["platform"] == "tensorflow_lite"
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
     assert triton_client.is_model_ready(model_id, headers=auth())
-    assert triton_client.is_model_ready("latest", model_version=model_id, headers=auth())
-    assert not triton_client.is_model_ready("latest", model_version="m_other", headers=auth())
+    assert triton_client.is_model_ready(ALIAS, model_version=model_id, headers=auth())
+    assert not triton_client.is_model_ready(ALIAS, model_version="m_other", headers=auth())
     assert not triton_client.is_model_ready("m_missing", headers=auth())
 
 
@@ -140,7 +149,7 @@ def test_tf_serving_style_client(client: httpx.Client, model_id: str, images: np
     rows = client.post(f"/v1/models/{model_id}:predict", json={"instances": images.tolist()})
     assert rows.status_code == 200, rows.text
     np.testing.assert_allclose(rows.json()["predictions"], expected, atol=1e-6)
-    columnar = client.post(f"/v1/models/latest/versions/{model_id}:predict",
+    columnar = client.post(f"/v1/models/{ALIAS}/versions/{model_id}:predict",
                            json={"inputs": {"image": [{"b64": base64.b64encode(png_bytes(img)).decode()}
                                                       for img in images]}})
     assert columnar.status_code == 200, columnar.text
