@@ -218,3 +218,22 @@ def test_a_malformed_model_never_breaks_the_api(client: TestClient, artifact_dir
     (artifact_dir / "models" / "m_notjson" / METADATA_FILE).write_bytes(
         (artifact_dir / "repaired" / "models" / "m_notjson" / METADATA_FILE).read_bytes())
     assert [m["id"] for m in client.get("/v1/models").json()["items"]] == ["m_notjson", "m_good"]
+
+
+def test_a_failed_fsync_of_the_parent_after_the_rename_still_publishes(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.store import local
+
+    store = ModelStore(tmp_path)
+    real = local.fsync_dir
+
+    def failing_for_the_parent(path: Path) -> None:
+        if path == store.models_dir:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(local, "fsync_dir", failing_for_the_parent)
+    with store.staging("m_fsync") as staging:
+        (staging / "metadata.json").write_text("{}")
+        final = store.publish(staging, "m_fsync")
+    assert final == store.models_dir / "m_fsync" and (final / "metadata.json").is_file()

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from worker.errors import ArtifactWriteError
 from worker.store.local import (
     SWEEP_MAX_AGE_SECONDS,
-    fsync_dir,
+    publish_directory,
     sweep_entries,
     sweep_temp_files,
     valid_id,
@@ -194,20 +194,8 @@ class DatasetStore:
             raise
 
     def publish(self, staging: Path, dataset_id: str) -> Path:
-        """Fsync a complete staging directory and rename it to `datasets/{id}`."""
-        final = self.root / dataset_id
-        try:
-            for child in staging.iterdir():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-            fsync_dir(staging)
-            os.rename(staging, final)
-            fsync_dir(self.root)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ArtifactWriteError(f"cannot write dataset {dataset_id} to {final}: {exc.strerror or exc}; "
-                                     "check free space and permissions of TL_ARTIFACT_DIR") from exc
-        return final
+        """Publish a complete staging directory as `datasets/{id}` (`publish_directory`)."""
+        return publish_directory(staging, self.root / dataset_id, f"dataset {dataset_id}")
 
     def delete(self, dataset_id: str) -> bool:
         """Remove a dataset: its record first (no longer listed or usable), then its files."""

@@ -135,6 +135,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_directory(staging: Path, final: Path, what: str) -> Path:
+    """Fsync every file of a complete staging directory, then rename it to `final`: readers see all of it or
+    nothing. Once renamed it is published; a failed fsync of the parent afterwards only risks the rename across a
+    power cut, so it is logged, never reported as a failed write (the job that made it has succeeded)."""
+    try:
+        for child in staging.iterdir():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(staging)
+        os.rename(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactWriteError(f"cannot write {what} to {final}: {exc.strerror or exc}; "
+                                 "check free space and permissions of TL_ARTIFACT_DIR") from exc
+    try:
+        fsync_dir(final.parent)
+    except OSError as exc:
+        log.warning("%s is published at %s but its directory could not be fsynced: %s", what, final, exc)
+    return final
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
     """Write `path` through `write(file)` into `.{name}.{random}.tmp` beside it, then `os.replace`: readers
     see the old file or the whole new one, never a part. `durable` also fsyncs before the rename (for records;
@@ -255,22 +276,8 @@ class ModelStore:
             raise
 
     def publish(self, staging: Path, model_id: str) -> Path:
-        """Fsync every file of a complete staging directory and rename it to `models/{model_id}`."""
-        final = self.models_dir / model_id
-        try:
-            for child in staging.iterdir():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-            fsync_dir(staging)
-            os.rename(staging, final)
-            fsync_dir(self.models_dir)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ArtifactWriteError(
-                f"cannot write model {model_id} to {final}: {exc.strerror or exc}; "
-                "check free space and permissions of TL_ARTIFACT_DIR"
-            ) from exc
-        return final
+        """Publish a complete staging directory as `models/{model_id}` (`publish_directory`)."""
+        return publish_directory(staging, self.models_dir / model_id, f"model {model_id}")
 
     # ----- reading (the API) -----
 
