@@ -243,7 +243,51 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8")), durable=True)
 
 
-class ModelStore:
+class ModelCatalog:
+    """What both store backends derive from their own `metadata`, `read_aliases`, `list_ids` and `has_model`:
+    the Model objects, the listing and the resolution of refs."""
+
+    def metadata(self, model_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def read_aliases(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def list_ids(self) -> builtins.list[str]:
+        raise NotImplementedError
+
+    def has_model(self, model_id: str) -> bool:
+        raise NotImplementedError
+
+    def info(self, model_id: str, aliases: dict[str, str] | None = None) -> ModelInfo | None:
+        meta = self.metadata(model_id)
+        if meta is None:
+            return None
+        aliases = self.read_aliases() if aliases is None else aliases
+        try:
+            return _model_info(meta, sorted(a for a, m in aliases.items() if m == model_id))
+        except ValidationError:  # the metadata was checked when read; a model never breaks a listing
+            return None
+
+    def list(self) -> builtins.list[ModelInfo]:
+        aliases = self.read_aliases()
+        infos = (self.info(model_id, aliases) for model_id in self.list_ids())
+        return [info for info in infos if info is not None]
+
+    def resolve(self, ref: str) -> str | None:
+        """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
+        if ref == "latest":
+            ids = self.list_ids()
+            return ids[0] if ids else None
+        if self.has_model(ref):
+            return ref
+        target = self.read_aliases().get(ref)
+        if target is not None and self.has_model(target):
+            return target
+        return None
+
+
+class ModelStore(ModelCatalog):
     """Reads and writes model directories and aliases under one artifact directory."""
 
     def __init__(self, artifact_dir: Path) -> None:
@@ -323,32 +367,8 @@ class ModelStore:
         dated.sort(reverse=True)
         return [model_id for _, model_id in dated]
 
-    def info(self, model_id: str, aliases: dict[str, str] | None = None) -> ModelInfo | None:
-        meta = self.metadata(model_id)
-        if meta is None:
-            return None
-        aliases = self.read_aliases() if aliases is None else aliases
-        try:
-            return _model_info(meta, sorted(a for a, m in aliases.items() if m == model_id))
-        except ValidationError:  # _valid_metadata already checked it; a model never breaks a listing
-            return None
-
-    def list(self) -> list[ModelInfo]:
-        aliases = self.read_aliases()
-        infos = (self.info(model_id, aliases) for model_id in self.list_ids())
-        return [info for info in infos if info is not None]
-
-    def resolve(self, ref: str) -> str | None:
-        """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
-        if ref == "latest":
-            ids = self.list_ids()
-            return ids[0] if ids else None
-        if self.model_dir(ref) is not None:
-            return ref
-        target = self.read_aliases().get(ref)
-        if target is not None and self.model_dir(target) is not None:
-            return target
-        return None
+    def has_model(self, model_id: str) -> bool:
+        return self.model_dir(model_id) is not None
 
     def delete(self, model_id: str) -> bool:
         """Remove a model (atomically: renamed away first) and every alias pointing at it. False when there is

@@ -40,15 +40,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import ValidationError
-
 from worker.errors import ArtifactWriteError
 from worker.store.local import (
     METADATA_FILE,
     SWEEP_MAX_AGE_SECONDS,
+    ModelCatalog,
     ModelGone,
-    ModelInfo,
-    _model_info,
     _valid_metadata,
     sweep_entries,
     valid_id,
@@ -102,7 +99,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class S3ModelStore:
+class S3ModelStore(ModelCatalog):
     """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
 
     def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
@@ -326,32 +323,8 @@ class S3ModelStore:
         dated.sort(reverse=True)
         return [model_id for _, model_id in dated]
 
-    def info(self, model_id: str, aliases: dict[str, str] | None = None) -> ModelInfo | None:
-        meta = self.metadata(model_id)
-        if meta is None:
-            return None
-        aliases = self.read_aliases() if aliases is None else aliases
-        try:
-            return _model_info(meta, sorted(a for a, m in aliases.items() if m == model_id))
-        except ValidationError:
-            return None
-
-    def list(self) -> builtins.list[ModelInfo]:
-        aliases = self.read_aliases()
-        infos = (self.info(model_id, aliases) for model_id in self.list_ids())
-        return [info for info in infos if info is not None]
-
-    def resolve(self, ref: str) -> str | None:
-        """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
-        if ref == "latest":
-            ids = self.list_ids()
-            return ids[0] if ids else None
-        if self._manifest(ref) is not None:
-            return ref
-        target = self.read_aliases().get(ref)
-        if target is not None and self._manifest(target) is not None:
-            return target
-        return None
+    def has_model(self, model_id: str) -> bool:
+        return self._manifest(model_id) is not None
 
     def delete(self, model_id: str) -> bool:
         """Remove a model: its manifest first (no longer listed or served), then its aliases and files."""
