@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from celery import Celery
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ArtifactStoreUnavailable, Conflict, InvalidInput, NotFound, QueueUnavailable
+from service.errors import Conflict, InvalidInput, NotFound, QueueUnavailable
+from service.registry import store_call
 from worker.jobstore import AsyncJobStore, utc_now
 from worker.queue import DATASET_TASK, DATASETS_QUEUE
 from worker.spec import CIFAR10, CLASS_NAMES
@@ -65,10 +66,7 @@ class DatasetService:
         self._lost_seconds = lost_seconds
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        try:
-            return await run_in_threadpool(func, *args)
-        except OSError as exc:
-            raise ArtifactStoreUnavailable(f"the artifact store is unavailable: {exc.strerror or exc}") from exc
+        return await store_call(func, *args)
 
     # ----- upload -----
 

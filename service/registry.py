@@ -31,6 +31,16 @@ T = TypeVar("T")
 DEFAULT_ALIAS = "default"
 
 
+async def store_call(func: Callable[..., T], *args: Any) -> T:
+    """Run an artifact-store call in a worker thread; a store that cannot be read is a 503."""
+    try:
+        return await run_in_threadpool(func, *args)
+    except PermissionError as exc:
+        raise ArtifactStoreUnavailable(f"the artifact store cannot be read: {exc}") from exc
+    except OSError as exc:
+        raise ArtifactStoreUnavailable(f"the artifact store is unavailable: {exc.strerror or exc}") from exc
+
+
 class ModelRegistry:
     """Models and aliases over a `ModelStore`; deleting a model also drops it from the serving cache."""
 
@@ -39,12 +49,7 @@ class ModelRegistry:
         self._cache = cache
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        try:
-            return await run_in_threadpool(func, *args)
-        except PermissionError as exc:
-            raise ArtifactStoreUnavailable(f"the artifact store cannot be read: {exc}") from exc
-        except OSError as exc:
-            raise ArtifactStoreUnavailable(f"the artifact store is unavailable: {exc.strerror or exc}") from exc
+        return await store_call(func, *args)
 
     async def resolve(self, ref: str) -> str:
         """The model id a ref names (id, alias or `latest`), or 404."""
