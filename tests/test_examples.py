@@ -6,8 +6,6 @@ import json
 import os
 import re
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,8 +14,6 @@ import pytest
 import testkit
 from integration.harness import API_KEY, Stack, cifar10_test_images, png_bytes, shared_stack
 from PIL import Image
-
-from service.launcher import Child, dataset_worker_argv
 
 EXAMPLES = testkit.REPO / "examples"
 SCRIPTS = ["train_baseline.sh", "train_transfer.sh", "watch_job.sh", "predict.sh", "reproduce_seed.sh",
@@ -123,15 +119,6 @@ def test_reproduce_seed_prints_the_side_by_side_table(weights: None, stack: Stac
 FOLDER_CLASSES = {"cats": 3, "ships": 8, "trucks": 9}
 
 
-@pytest.fixture(scope="module")
-def dataset_worker(stack: Stack) -> Iterator[Child]:
-    """A dataset worker (queue `datasets`) beside the stack, whose harness starts only the training worker."""
-    child = Child("datasets", dataset_worker_argv(f"it-datasets-{uuid.uuid4().hex[:6]}@%h"), stack.env,
-                  die_with_parent=True).start(log_file=stack.logs / "datasets.log")
-    yield child
-    child.stop(grace=10)
-
-
 def class_folders(root: Path, classes: dict[str, int], per_class: int = 30) -> Path:
     """`root/<name>/<i>.png`: `per_class` real CIFAR-10 test images of each class."""
     with np.load(testkit.cifar10_npz("test")) as data:
@@ -145,7 +132,7 @@ def class_folders(root: Path, classes: dict[str, int], per_class: int = 30) -> P
 
 @integration
 @pytest.mark.realdata
-def test_train_on_folder_uploads_trains_and_classifies(weights: None, stack: Stack, dataset_worker: Child,
+def test_train_on_folder_uploads_trains_and_classifies(weights: None, stack: Stack,
                                                       tmp_path: Path) -> None:
     folder = class_folders(tmp_path / "pets", FOLDER_CLASSES)
     (folder / "notes.txt").write_text("not an image\n")
@@ -173,8 +160,7 @@ def test_train_on_folder_uploads_trains_and_classifies(weights: None, stack: Sta
 
 @integration
 @pytest.mark.realdata
-def test_train_on_folder_stops_at_a_dataset_that_fails_its_checks(realdata: None, stack: Stack,
-                                                                  dataset_worker: Child, tmp_path: Path) -> None:
+def test_train_on_folder_stops_at_a_dataset_that_fails_its_checks(realdata: None, stack: Stack, tmp_path: Path) -> None:
     folder = class_folders(tmp_path / "lonely", {"cats": 3}, per_class=10)
     result = run(stack, "train_on_folder.sh", str(folder), timeout=120)
     assert result.returncode == 1, result.stderr
