@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,10 +14,12 @@ from service.launcher import ensure_redis
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testkit.RedisServer]:
-    """The local Redis on 127.0.0.1:6379 when it answers, else a throwaway bundled redis-server (stopped at the
-    end of the session). Suites use a database index of their own on it (`testkit.*_DB`)."""
+    """The local Redis on 127.0.0.1:6379 (or `TL_TEST_REDIS_URL`) when it answers, else a throwaway bundled
+    redis-server (stopped at the end of the session). Suites use a database index of their own on it
+    (`testkit.*_DB`); two pytest sessions run at once on one machine need a Redis each (`TL_TEST_REDIS_URL`)."""
     workdir = tmp_path_factory.mktemp("redis")
-    child, url = ensure_redis("redis://127.0.0.1:6379/0", workdir, log_file=workdir / "redis.log")
+    wanted = os.environ.get("TL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    child, url = ensure_redis(wanted, workdir, log_file=workdir / "redis.log")
     yield testkit.RedisServer.from_url(url)
     if child is not None:
         child.stop()
