@@ -6,7 +6,9 @@
    service's serving runtime (LiteRT over the model's `.tflite`): one image p50/p95/p99, and per image in a
    batch of 64; top-1 agreement of LiteRT with Keras on 64 real test images.
 2. Over HTTP, against a real stack (Redis, a Celery worker, uvicorn; the same processes `make run` starts)
-   serving that model: single-image p50/p95/p99 (multipart PNG and JSON base64), images/s for batches of
+   serving that model: single-image p50/p95/p99 (`/v1` multipart PNG and JSON base64, and the Open Inference
+   Protocol's `/v2/models/{name}/infer` with a binary UINT8 tensor and with a JSON tensor), each also as a
+   ratio to the in-process LiteRT single-image p50 of the same run, images/s for batches of
    1, 8 and 64, and throughput with 1, 4 and 16 concurrent clients (each client a process of its own,
    sending single-image requests back to back). For each client count also: the CPU time per request spent
    by the API server, by the clients and by everything else on the machine (the worker, Redis, this script,
@@ -16,13 +18,15 @@
    The last column, ceiling over one client's throughput, is the most the client-count scaling could reach.
 
 Goals (issue 6): HTTP single-image p50 <= 1/10 of in-process `model.predict` p50; batches of 64 over HTTP
->= 400 images/s; 16 clients >= 3x one client's throughput. Printed, never asserted.
+>= 400 images/s; 16 clients >= 3x one client's throughput. Issue 14: HTTP single-image p50 <= 2.5x the
+in-process LiteRT p50, for `/v1` and OIP alike. Printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ from _common import ensure_model, percentiles, png, print_json, print_table, sta
 from _loadgen import run_clients
 
 CLIENT_COUNTS = (1, 4, 16)
+#: The single-image HTTP measurements: /v1 multipart PNG and JSON base64, OIP binary tensor and JSON tensor.
+SINGLE_WAYS = ("single_multipart", "single_json_b64", "single_oip_binary", "single_oip_json")
 
 
 def in_process(model_dir: Path, repeat: int) -> dict[str, Any]:
@@ -108,8 +114,28 @@ def http(base_url: str, headers: dict[str, str], repeat: int, server_pid: int) -
         def json_b64() -> None:
             client.post("/v1/models/latest/predict", json=body).raise_for_status()
 
+        pixels = x[0].astype(np.uint8)
+        binary_header = json.dumps({
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *pixels.shape],
+                        "parameters": {"binary_data_size": pixels.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }).encode()
+        binary_body = binary_header + pixels.tobytes()
+        binary_headers = {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(binary_header))}
+        json_body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *pixels.shape],
+                                 "data": pixels.ravel().tolist()}]}
+
+        def oip_binary() -> None:
+            client.post("/v2/models/latest/infer", content=binary_body, headers=binary_headers).raise_for_status()
+
+        def oip_json() -> None:
+            client.post("/v2/models/latest/infer", json=json_body).raise_for_status()
+
         results["single_multipart"] = percentiles(timed(lambda: multipart(1), repeat, warmup=5))
         results["single_json_b64"] = percentiles(timed(json_b64, max(20, repeat // 2)))
+        results["single_oip_binary"] = percentiles(timed(oip_binary, repeat, warmup=5))
+        results["single_oip_json"] = percentiles(timed(oip_json, repeat, warmup=5))
         for n, reps in ((1, 40), (8, 20), (64, 10)):
             samples = timed(lambda n=n: multipart(n), reps)
             results[f"batch{n}_images_per_s"] = n * len(samples) / sum(samples)
@@ -149,9 +175,11 @@ def main() -> None:
     print_table("in process, one transfer model (ms)", ["way", "p50", "p95", "p99", "per image in batch 64"], rows)
     print(f"LiteRT vs Keras on 64 test images: top-1 agreement {local['litert_top1_agreement']:.3f}, "
           f"max |prob diff| {local['litert_max_prob_diff']:.2e}")
-    rows = [[name, remote[name]["p50_ms"], remote[name]["p95_ms"], remote[name]["p99_ms"]]
-            for name in ("single_multipart", "single_json_b64")]
-    print_table("HTTP single image (ms)", ["body", "p50", "p95", "p99"], rows)
+    lite = local["litert"]["p50_ms"]
+    rows = [[name, remote[name]["p50_ms"], remote[name]["p95_ms"], remote[name]["p99_ms"],
+             remote[name]["p50_ms"] / lite] for name in SINGLE_WAYS]
+    print_table(f"HTTP single image (ms), against in-process LiteRT p50 {lite:.2f} ms",
+                ["body", "p50", "p95", "p99", "p50 / LiteRT p50"], rows)
     rows = [[k, v] for k, v in remote.items() if k.endswith("_per_s")]
     print_table("HTTP throughput", ["what", "per second"], rows)
     one = remote["clients1_requests_per_s"]
@@ -172,7 +200,11 @@ def main() -> None:
     print(f"\nHTTP p50 / model.predict p50 = {ratio:.3f} (goal <= 0.1); batch 64: "
           f"{remote['batch64_images_per_s']:.0f} images/s (goal >= 400); 16 clients / 1 client = {scaling:.2f}x "
           f"(goal >= 3x; at the 16-client CPU cost per request this machine allows at most {reachable:.2f}x)")
+    over_litert = {name: remote[name]["p50_ms"] / lite for name in SINGLE_WAYS}
+    print("HTTP single-image p50 / in-process LiteRT p50 (goal <= 2.5): "
+          + ", ".join(f"{name.removeprefix('single_')} {value:.2f}" for name, value in over_litert.items()))
     print_json("predict_latency", {"in_process": local, "http": remote, "http_p50_over_predict_p50": ratio,
+                                   "http_p50_over_litert_p50": over_litert,
                                    "clients16_over_clients1": scaling, "clients16_ceiling_over_clients1": reachable})
 
 
