@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,14 +23,13 @@ from service.registry import store_call
 from worker.jobstore import AsyncJobStore, utc_now
 from worker.queue import DATASET_TASK, DATASETS_QUEUE
 from worker.spec import CIFAR10, CLASS_NAMES
-from worker.store import valid_id
+from worker.store import AnyDatasetStore, valid_id
 from worker.store.datasets import (
     LOST_MESSAGE,
     PREVIEW_FILE,
     Dataset,
     DatasetError,
     DatasetRecord,
-    DatasetStore,
     new_dataset_id,
 )
 
@@ -59,7 +59,7 @@ class DatasetNotFound(NotFound):
 class DatasetService:
     """Datasets as the API sees them, over the dataset store, the job store and the Celery broker."""
 
-    def __init__(self, store: DatasetStore, jobs: AsyncJobStore, celery: Celery, lost_seconds: float) -> None:
+    def __init__(self, store: AnyDatasetStore, jobs: AsyncJobStore, celery: Celery, lost_seconds: float) -> None:
         self.store = store
         self._jobs = jobs
         self.celery = celery
@@ -74,13 +74,24 @@ class DatasetService:
                       seed: int) -> Dataset:
         """Write the archive streamed in `chunks` to the store, record a `processing` dataset and queue it."""
         dataset_id = new_dataset_id()
-        with self.store.receiving(dataset_id) as path:
+        path = await self._call(self.store.new_upload, dataset_id)
+        stored = False
+        try:
             received = await self._write(path, chunks)
             if received == 0:
                 raise InvalidInput.at(["body"], "the archive is empty (0 bytes): send a zip, tar, tar.gz or npz file")
+            await self._call(self.store.keep_upload, dataset_id, path)  # S3: sent to the bucket
+            stored = True
+            # The record only once its archive is stored: a `processing` record always has one.
             record = DatasetRecord(id=dataset_id, name=name, status="processing", created_at=utc_now(),
                                    test_fraction=test_fraction, seed=seed, bytes=0)
             await self._call(self.store.put, record)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            if stored:  # else nothing is stored; a stored archive left here is swept later (no record)
+                with contextlib.suppress(Exception):
+                    await self._call(self.store.discard_upload, dataset_id)
+            raise
         try:
             await asyncio.wait_for(asyncio.to_thread(self._send_task, dataset_id), ENQUEUE_TIMEOUT_SECONDS)
         except Exception as exc:

@@ -212,10 +212,10 @@ def prepare_dataset(source: Path, settings: Settings, *, test_fraction: float, s
                 pack_folder(source, upload, skip=Path(settings.artifact_dir))
             else:
                 _place_archive(source, upload)
-            store.put(DatasetRecord(id=dataset_id, name=_dataset_name(source), status="processing",
-                                    created_at=utc_now(), test_fraction=test_fraction, seed=seed, bytes=0))
+        store.put(DatasetRecord(id=dataset_id, name=_dataset_name(source), status="processing",
+                                created_at=utc_now(), test_fraction=test_fraction, seed=seed, bytes=0))
     except OSError as exc:
-        raise DatasetFailed("ArtifactWriteError", f"cannot write the dataset into {store.root}: "
+        raise DatasetFailed("ArtifactWriteError", f"cannot write the dataset into {store.location}: "
                                                   f"{exc.strerror or exc}") from exc
     log.info("processing %s as dataset %s (test_fraction %s, seed %d)", source, dataset_id, test_fraction, seed)
     try:
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--test-fraction: only for a --dataset that is a local folder or archive")
     if source is None and dataset_arg != CIFAR10 and not _known_dataset(settings, dataset_arg):
         parser.error(f"--dataset {dataset_arg}: no such folder or archive, and no dataset of that id under "
-                     f"{open_dataset_store(settings).root}")
+                     f"{open_dataset_store(settings).location}")
     try:  # every flag is checked before a dataset is processed (a job on any uploaded dataset validates alike)
         spec = spec_from_args({**args, "dataset": _PENDING_ID if source is not None else dataset_arg})
     except ValidationError as exc:

@@ -20,14 +20,14 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 from celery.worker.request import Request
 
 from worker.config import get_settings
 from worker.jobstore import failure
 from worker.queue import TRAIN_TASK, make_celery
 from worker.runner import ACTIVE_RUN, job_store, run_job
-from worker.store import open_model_store
+from worker.store import open_model_store, require_artifact_store
 from worker.store.sweep import sweep_artifacts
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ def _warm_up() -> None:
         log.exception("warm start failed; each job will import TensorFlow itself")
         return
     log.info("pool child ready: TensorFlow and the engine loaded in %.1f s", time.monotonic() - started)
+
+
+@worker_init.connect
+def check_artifact_store(**_: Any) -> None:
+    """Before the pool starts: a missing or unusable bucket (TL_ARTIFACT_URL) stops the worker, naming it."""
+    require_artifact_store(get_settings())
 
 
 @worker_ready.connect

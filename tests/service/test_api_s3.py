@@ -90,7 +90,7 @@ def test_an_unreachable_store_answers_503_on_listing(
         s3_settings: Settings, app_client: Callable[[Settings], TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
     client = app_client(s3_settings)
     store = client.app.state.services.registry.store  # type: ignore[attr-defined]
-    monkeypatch.setattr(store, "_client", _unreachable_client())
+    monkeypatch.setattr(store._bucket, "client", _unreachable_client())
     response = client.get("/v1/models")
     assert_problem(response, 503)
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in response.text

@@ -116,6 +116,11 @@ class DatasetStore:
     def __init__(self, artifact_dir: Path) -> None:
         self.root = Path(artifact_dir) / DATASETS_DIR
 
+    @property
+    def location(self) -> str:
+        """Where the datasets are, for messages."""
+        return str(self.root)
+
     # ----- paths -----
 
     def _record_path(self, dataset_id: str) -> Path:
@@ -161,16 +166,32 @@ class DatasetStore:
 
     # ----- uploads -----
 
-    @contextlib.contextmanager
-    def receiving(self, dataset_id: str) -> Iterator[Path]:
-        """A path to write the uploaded archive to; removed if anything fails before the record is written."""
+    def new_upload(self, dataset_id: str) -> Path:
+        """A local path to write an uploaded archive to; `keep_upload` stores it (here: it stays where it is)."""
         path = self.upload_path(dataset_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def keep_upload(self, dataset_id: str, path: Path) -> None:
+        """Store the archive written to `new_upload`'s path (it already is, in this store)."""
+
+    @contextlib.contextmanager
+    def receiving(self, dataset_id: str) -> Iterator[Path]:
+        """`new_upload`'s path, kept (`keep_upload`) when the block ends without error, removed otherwise.
+        Write the record after the block, so a `processing` record always has its archive."""
+        path = self.new_upload(dataset_id)
         try:
             yield path
+            self.keep_upload(dataset_id, path)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+
+    @contextlib.contextmanager
+    def fetched_upload(self, dataset_id: str) -> Iterator[Path | None]:
+        """The uploaded archive as a local file, or None when it is gone."""
+        path = self.upload_path(dataset_id)
+        yield path if path.is_file() else None
 
     def discard_upload(self, dataset_id: str) -> None:
         self.upload_path(dataset_id).unlink(missing_ok=True)

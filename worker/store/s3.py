@@ -21,7 +21,9 @@ the alias back when the model went meanwhile.
 
 The endpoint and credentials come from the standard AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_REGION, read by boto3 itself; no message here ever contains a credential.
-Every failure to reach the store is a `StoreUnavailable` (an OSError: the registry answers 503).
+Every failure to reach the store is a `StoreUnavailable` (an OSError: the registry answers 503). While the
+store is down, what a host already knew of a model or of the aliases still holds (so a model it has cached
+keeps being served); listing, downloading, saving and deleting fail until the store is back.
 """
 
 from __future__ import annotations
@@ -99,51 +101,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class S3ModelStore(ModelCatalog):
-    """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
+class S3Bucket:
+    """One bucket and key prefix: the S3 calls both stores make, each failure a `StoreUnavailable`, and the
+    "files first, manifest last" upload and the verified download of a directory."""
 
-    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
+    def __init__(self, url: str, client: Any = None) -> None:
         import boto3  # here, not at import time: only S3 mode pays for it
         from botocore.config import Config
 
         self.url = url
-        self.bucket, prefix = parse_url(url)
+        self.name, prefix = parse_url(url)
         self.prefix = f"{prefix}/" if prefix else ""
-        self.cache_dir = Path(cache_dir)
-        #: Where models are staged and downloaded on this host (named like the local store's for messages).
-        self.models_dir = self.cache_dir / "models"
-        self._staging_dir = self.cache_dir / "models-staging"
-        self._fresh = fresh_seconds
-        self._client = client or boto3.client("s3", config=Config(
+        self.client = client or boto3.client("s3", config=Config(
             connect_timeout=3, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}))
-        self._lock = threading.Lock()
-        self._download_lock = threading.Lock()
-        # model id -> (checked at, manifest or None when absent)
-        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._listing: tuple[float, list[str]] | None = None
-        self._aliases: tuple[float, dict[str, str]] | None = None
 
-    # ----- S3 plumbing -----
-
-    def _key(self, *parts: str) -> str:
+    def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
-    def _s3(self, call: Callable[..., T], **kwargs: Any) -> T:
+    def call(self, method: Callable[..., T], **kwargs: Any) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return call(Bucket=self.bucket, **kwargs)
+            return method(Bucket=self.name, **kwargs)
         except ClientError as exc:
-            raise StoreUnavailable(f"the artifact store (bucket {self.bucket!r}) answered {_error_text(exc)}") from exc
+            raise StoreUnavailable(f"the artifact store (bucket {self.name!r}) answered {_error_text(exc)}") from exc
         except BotoCoreError as exc:
-            raise StoreUnavailable(f"the artifact store (bucket {self.bucket!r}) is unreachable: "
+            raise StoreUnavailable(f"the artifact store (bucket {self.name!r}) is unreachable: "
                                    f"{_error_text(exc)}") from exc
 
-    def _get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytes | None:
+        """The object's content, or None when there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            body: bytes = self._s3(self._client.get_object, Key=key)["Body"].read()
+            body: bytes = self.call(self.client.get_object, Key=key)["Body"].read()
             return body
         except StoreUnavailable as exc:
             if isinstance(exc.__cause__, ClientError) and \
@@ -151,34 +142,160 @@ class S3ModelStore(ModelCatalog):
                 return None
             raise
 
-    def _keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+    def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self.call(self.client.put_object, Key=key, Body=body, ContentType=content_type)
+
+    def delete(self, key: str) -> None:
+        self.call(self.client.delete_object, Key=key)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        with open(path, "rb") as f:
+            self.call(self.client.upload_fileobj, Fileobj=f, Key=key)
+
+    def download_file(self, key: str, path: Path) -> None:
+        with open(path, "wb") as f:
+            self.call(self.client.download_fileobj, Key=key, Fileobj=f)
+
+    def keys(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every object under `prefix` (with `delimiter`, only those not below a further delimiter)."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Prefix": prefix}
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._s3(self._client.list_objects_v2, **kwargs)
+            page = self.call(self.client.list_objects_v2, **kwargs)
             yield from page.get("Contents", [])
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
+
+    def remove_prefix(self, prefix: str) -> None:
+        """Delete every object under `prefix` (best effort: an unreachable store leaves them to the sweep)."""
+        with contextlib.suppress(OSError):
+            for obj in list(self.keys(prefix)):
+                self.delete(obj["Key"])
 
     def check(self) -> None:
         """Fail with a clear StoreConfigError naming the bucket when it does not exist or cannot be used."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self.client.head_bucket(Bucket=self.name)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise StoreConfigError(f"the bucket {self.bucket!r} of TL_ARTIFACT_URL does not exist at the S3 "
+                raise StoreConfigError(f"the bucket {self.name!r} of TL_ARTIFACT_URL does not exist at the S3 "
                                        "endpoint (AWS_ENDPOINT_URL); create it first") from None
-            raise StoreConfigError(f"the bucket {self.bucket!r} of TL_ARTIFACT_URL cannot be used: S3 answered "
+            raise StoreConfigError(f"the bucket {self.name!r} of TL_ARTIFACT_URL cannot be used: S3 answered "
                                    f"{code} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
         except BotoCoreError as exc:
-            raise StoreConfigError(f"the S3 endpoint of TL_ARTIFACT_URL (bucket {self.bucket!r}) is unreachable: "
+            raise StoreConfigError(f"the S3 endpoint of TL_ARTIFACT_URL (bucket {self.name!r}) is unreachable: "
                                    f"{_error_text(exc)}") from None
+
+    def upload_tree(self, directory: Path, prefix: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """Upload every file of `directory` under `prefix`, then `prefix + MANIFEST_FILE` (last) holding each
+        file's size and sha256 plus `extra`; returns the manifest. On failure the files already uploaded are
+        removed (best effort) and the error raised: without its manifest nothing of it is ever read."""
+        files: dict[str, dict[str, Any]] = {}
+        try:
+            for child in sorted(directory.iterdir()):
+                files[child.name] = {"bytes": child.stat().st_size, "sha256": _sha256(child)}
+                self.upload_file(child, prefix + child.name)
+            manifest = {**extra, "files": files}
+            self.put(prefix + MANIFEST_FILE, json.dumps(manifest, sort_keys=True).encode("utf-8"),
+                     "application/json")
+        except BaseException:
+            self.remove_prefix(prefix)
+            raise
+        return manifest
+
+    def read_manifest(self, prefix: str, what: str) -> dict[str, Any] | None:
+        """The manifest under `prefix` (None when absent or not a manifest)."""
+        raw = self.get(prefix + MANIFEST_FILE)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            log.warning("%s: ignoring it, its manifest is not JSON", what)
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+    def download_tree(self, manifest: dict[str, Any], prefix: str, final: Path, what: str) -> None:
+        """Download every file `manifest` names into a fresh directory renamed to `final` once each file's size
+        and sha256 match; StoreIntegrityError when one does not."""
+        tmp = final.parent / f".{final.name}-{secrets.token_hex(4)}"
+        tmp.mkdir(parents=True)
+        try:
+            for name, entry in manifest["files"].items():
+                if "/" in name or name.startswith("."):
+                    raise StoreIntegrityError(f"{what}: manifest names a bad file {name!r}")
+                target = tmp / name
+                self.download_file(prefix + name, target)
+                size, digest = target.stat().st_size, _sha256(target)
+                if size != entry["bytes"] or digest != entry["sha256"]:
+                    raise StoreIntegrityError(f"{what}: {name} does not match its manifest "
+                                              f"({size} bytes, sha256 {digest[:12]}...; expected {entry['bytes']} "
+                                              f"bytes, {str(entry['sha256'])[:12]}...)")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def complete(path: Path, manifest: dict[str, Any]) -> bool:
+        """The local copy has every file at the manifest's size (its hashes were checked when downloaded)."""
+        try:
+            return all((path / name).stat().st_size == entry["bytes"] for name, entry in manifest["files"].items())
+        except (OSError, KeyError, TypeError):
+            return False
+
+    def sweep_unmanifested(self, prefix: str, max_age_seconds: float, what: str) -> None:
+        """Delete the objects of every `prefix{name}/` that has no manifest, when all are older than
+        `max_age_seconds` (an upload killed before its manifest)."""
+        by_name: dict[str, list[dict[str, Any]]] = {}
+        for obj in self.keys(prefix):
+            rest = obj["Key"][len(prefix):]
+            if "/" in rest:
+                by_name.setdefault(rest.split("/")[0], []).append(obj)
+        cutoff = time.time() - max_age_seconds
+        for name, objects in by_name.items():
+            if any(o["Key"].endswith("/" + MANIFEST_FILE) for o in objects):
+                continue
+            if all(o["LastModified"].timestamp() < cutoff for o in objects):
+                log.info("swept %d files of %s %s from %s (no manifest: a killed upload)",
+                         len(objects), what, name, self.url)
+                for obj in objects:
+                    self.delete(obj["Key"])
+
+
+class S3ModelStore(ModelCatalog):
+    """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
+
+    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
+        self._bucket = S3Bucket(url, client)
+        self.url = url
+        self.bucket, self.prefix = self._bucket.name, self._bucket.prefix
+        self.cache_dir = Path(cache_dir)
+        #: Where models are staged and downloaded on this host (named like the local store's for messages).
+        self.models_dir = self.cache_dir / "models"
+        self._staging_dir = self.cache_dir / "models-staging"
+        self._fresh = fresh_seconds
+        self._lock = threading.Lock()
+        self._download_lock = threading.Lock()
+        # model id -> (checked at, manifest or None when absent)
+        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._listing: tuple[float, list[str]] | None = None
+        self._aliases: tuple[float, dict[str, str]] | None = None
+
+    def _key(self, *parts: str) -> str:
+        return self._bucket.key(*parts)
+
+    def check(self) -> None:
+        """Fail with a clear StoreConfigError naming the bucket when it does not exist or cannot be used."""
+        self._bucket.check()
 
     # ----- writing (the worker) -----
 
@@ -202,19 +319,12 @@ class S3ModelStore(ModelCatalog):
     def publish(self, staging: Path, model_id: str) -> Path:
         """Upload every file of a complete staging directory, then its manifest (last); the staging directory
         becomes this host's cached copy. Nothing is listed unless the manifest was written."""
-        files: dict[str, dict[str, Any]] = {}
         try:
-            for child in sorted(staging.iterdir()):
-                files[child.name] = {"bytes": child.stat().st_size, "sha256": _sha256(child)}
-                with open(child, "rb") as f:
-                    self._s3(self._client.upload_fileobj, Fileobj=f, Key=self._key("models", model_id, child.name))
             metadata = json.loads((staging / METADATA_FILE).read_bytes())
-            manifest = {"id": model_id, "files": files, "metadata": metadata}
-            self._s3(self._client.put_object, Key=self._key("models", model_id, MANIFEST_FILE),
-                     Body=json.dumps(manifest, sort_keys=True).encode("utf-8"), ContentType="application/json")
+            manifest = self._bucket.upload_tree(staging, self._key("models", model_id, ""),
+                                                {"id": model_id, "metadata": metadata})
         except (OSError, ValueError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            self._remove_files(model_id)
             raise ArtifactWriteError(f"cannot write model {model_id} to {self.url}: {exc}") from exc
         with self._lock:
             self._manifests[model_id] = (time.monotonic(), manifest)
@@ -239,14 +349,16 @@ class S3ModelStore(ModelCatalog):
             cached = self._manifests.get(model_id)
         if cached is not None and now - cached[0] < self._fresh:
             return cached[1]
-        raw = self._get(self._key("models", model_id, MANIFEST_FILE))
-        manifest: dict[str, Any] | None = None
-        if raw is not None:
-            try:
-                data = json.loads(raw)
-                manifest = data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
-            except ValueError:
-                log.warning("model %s: ignoring it, its manifest is not JSON", model_id)
+        try:
+            manifest = self._bucket.read_manifest(self._key("models", model_id, ""), f"model {model_id}")
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            # The store is down: what this host last knew still holds (a cached model keeps being served),
+            # and the store is asked again only after another `fresh_seconds`.
+            with self._lock:
+                self._manifests[model_id] = (now, cached[1])
+            return cached[1]
         with self._lock:
             self._manifests[model_id] = (now, manifest)
         if manifest is None:
@@ -259,40 +371,13 @@ class S3ModelStore(ModelCatalog):
         if manifest is None:
             return None
         final = self.models_dir / model_id
-        if self._complete(final, manifest):
+        if S3Bucket.complete(final, manifest):
             return final
         with self._download_lock:
-            if not self._complete(final, manifest):
-                self._download(model_id, manifest, final)
+            if not S3Bucket.complete(final, manifest):
+                self.models_dir.mkdir(parents=True, exist_ok=True)
+                self._bucket.download_tree(manifest, self._key("models", model_id, ""), final, f"model {model_id}")
         return final
-
-    @staticmethod
-    def _complete(path: Path, manifest: dict[str, Any]) -> bool:
-        """The cached copy has every file at the manifest's size (its hashes were checked when downloaded)."""
-        try:
-            return all((path / name).stat().st_size == entry["bytes"] for name, entry in manifest["files"].items())
-        except (OSError, KeyError, TypeError):
-            return False
-
-    def _download(self, model_id: str, manifest: dict[str, Any], final: Path) -> None:
-        tmp = self.models_dir / f".{model_id}-{secrets.token_hex(4)}"
-        tmp.mkdir(parents=True)
-        try:
-            for name, entry in manifest["files"].items():
-                if "/" in name or name.startswith("."):
-                    raise StoreIntegrityError(f"model {model_id}: manifest names a bad file {name!r}")
-                target = tmp / name
-                with open(target, "wb") as f:
-                    self._s3(self._client.download_fileobj, Key=self._key("models", model_id, name), Fileobj=f)
-                size, digest = target.stat().st_size, _sha256(target)
-                if size != entry["bytes"] or digest != entry["sha256"]:
-                    raise StoreIntegrityError(f"model {model_id}: {name} does not match its manifest "
-                                              f"({size} bytes, sha256 {digest[:12]}...; expected {entry['bytes']} "
-                                              f"bytes, {str(entry['sha256'])[:12]}...)")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def metadata(self, model_id: str) -> dict[str, Any] | None:
         """The model's metadata (carried in its manifest), or None when absent or malformed."""
@@ -310,7 +395,7 @@ class S3ModelStore(ModelCatalog):
             listing = self._listing
         if listing is None or now - listing[0] >= self._fresh:
             prefix = self._key("models", "")
-            ids = [obj["Key"][len(prefix):].split("/")[0] for obj in self._keys(prefix)
+            ids = [obj["Key"][len(prefix):].split("/")[0] for obj in self._bucket.keys(prefix)
                    if obj["Key"].endswith("/" + MANIFEST_FILE)]
             listing = (now, ids)
             with self._lock:
@@ -332,39 +417,22 @@ class S3ModelStore(ModelCatalog):
             self._manifests.pop(model_id, None)
         if self._manifest(model_id) is None:
             return False
-        self._s3(self._client.delete_object, Key=self._key("models", model_id, MANIFEST_FILE))
+        self._bucket.delete(self._key("models", model_id, MANIFEST_FILE))
         with self._lock:
             self._manifests[model_id] = (time.monotonic(), None)
             self._listing = None
         for alias, target in self._read_aliases_now().items():
             if target == model_id:
-                self._s3(self._client.delete_object, Key=self._key("aliases", alias))
-        self._remove_files(model_id)
+                self._bucket.delete(self._key("aliases", alias))
+        self._bucket.remove_prefix(self._key("models", model_id, ""))
         shutil.rmtree(self.models_dir / model_id, ignore_errors=True)
         return True
-
-    def _remove_files(self, model_id: str) -> None:
-        with contextlib.suppress(OSError):
-            for obj in list(self._keys(self._key("models", model_id, ""))):
-                self._s3(self._client.delete_object, Key=obj["Key"])
 
     def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
         """Remove this host's staging leftovers untouched for `max_age_seconds`, and in the bucket the files
         of models that never got a manifest (a worker killed mid-upload) once as old. Local paths removed."""
         removed = sweep_entries(self._staging_dir, max_age_seconds)
-        by_model: dict[str, builtins.list[dict[str, Any]]] = {}
-        prefix = self._key("models", "")
-        for obj in self._keys(prefix):
-            by_model.setdefault(obj["Key"][len(prefix):].split("/")[0], []).append(obj)
-        cutoff = time.time() - max_age_seconds
-        for model_id, objects in by_model.items():
-            if any(o["Key"].endswith("/" + MANIFEST_FILE) for o in objects):
-                continue
-            if all(o["LastModified"].timestamp() < cutoff for o in objects):
-                log.info("swept %d files of model %s from %s (no manifest: a killed upload)",
-                         len(objects), model_id, self.url)
-                for obj in objects:
-                    self._s3(self._client.delete_object, Key=obj["Key"])
+        self._bucket.sweep_unmanifested(self._key("models", ""), max_age_seconds, "model")
         return removed
 
     # ----- aliases -----
@@ -372,8 +440,8 @@ class S3ModelStore(ModelCatalog):
     def _read_aliases_now(self) -> dict[str, str]:
         prefix = self._key("aliases", "")
         aliases = {}
-        for obj in self._keys(prefix):
-            raw = self._get(obj["Key"])
+        for obj in self._bucket.keys(prefix):
+            raw = self._bucket.get(obj["Key"])
             if raw is not None:
                 aliases[obj["Key"][len(prefix):]] = raw.decode("utf-8", "replace").strip()
         with self._lock:
@@ -381,11 +449,19 @@ class S3ModelStore(ModelCatalog):
         return aliases
 
     def read_aliases(self) -> dict[str, str]:
+        """Every alias (trusted for `fresh_seconds`; while the store is down, the last ones read)."""
         with self._lock:
             cached = self._aliases
         if cached is not None and time.monotonic() - cached[0] < self._fresh:
             return dict(cached[1])
-        return self._read_aliases_now()
+        try:
+            return self._read_aliases_now()
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            with self._lock:
+                self._aliases = (time.monotonic(), cached[1])
+            return dict(cached[1])
 
     def set_alias(self, alias: str, model_id: str) -> None:
         """Point `alias` at `model_id`; ModelGone when the model does not exist (checked again after the
@@ -394,18 +470,18 @@ class S3ModelStore(ModelCatalog):
             self._manifests.pop(model_id, None)
         if self._manifest(model_id) is None:
             raise ModelGone(model_id)
-        self._s3(self._client.put_object, Key=self._key("aliases", alias), Body=model_id.encode("utf-8"))
+        self._bucket.put(self._key("aliases", alias), model_id.encode("utf-8"), "text/plain")
         with self._lock:
             self._manifests.pop(model_id, None)
             self._aliases = None
         if self._manifest(model_id) is None:
-            self._s3(self._client.delete_object, Key=self._key("aliases", alias))
+            self._bucket.delete(self._key("aliases", alias))
             raise ModelGone(model_id)
 
     def delete_alias(self, alias: str) -> bool:
-        if self._get(self._key("aliases", alias)) is None:
+        if self._bucket.get(self._key("aliases", alias)) is None:
             return False
-        self._s3(self._client.delete_object, Key=self._key("aliases", alias))
+        self._bucket.delete(self._key("aliases", alias))
         with self._lock:
             self._aliases = None
         return True

@@ -22,7 +22,7 @@ def sweep_artifacts(settings: Settings, max_age_seconds: float = SWEEP_MAX_AGE_S
     `more` (the worker adds the engine's caches: `worker.engine.caches.cache_sweeps`). Never raises: a sweep
     that fails is logged and the rest goes on. Returns the number of paths removed per part."""
     parts: dict[str, Sweep] = {
-        "models": open_model_store(settings, check=True).sweep,
+        "models": open_model_store(settings).sweep,
         "datasets": open_dataset_store(settings).sweep,
         **(more or {}),
     }
