@@ -23,13 +23,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TL_", extra="ignore", frozen=True)
 
     # --- shared/API.md's table ---
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker, result backend and job store")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker, result backend and job store "
+                           "(`redis://:PASSWORD@host:6379/0`; `rediss://` for TLS, certificate verified; never logged "
+                           "with its password)")
     artifact_dir: Path = Field(Path("./artifacts"), description="models and cached features are written here")
     data_dir: Path = Field(Path("./data"), description="looked in first for CIFAR-10")
-    artifact_url: str | None = Field(None, description="s3://bucket/prefix: models in S3-compatible object storage "
-                                     "(AWS_ENDPOINT_URL and AWS_* credentials) instead of TL_ARTIFACT_DIR")
-    cache_dir: Path = Field(Path("./cache"), description="this host's own caches (models downloaded from "
-                                                        "TL_ARTIFACT_URL); never shared, safe to delete")
+    artifact_url: str | None = Field(None, description="s3://bucket/prefix: models and datasets in S3-compatible "
+                                     "object storage (AWS_ENDPOINT_URL and AWS_* credentials) instead of "
+                                     "TL_ARTIFACT_DIR; the bucket must exist")
+    cache_dir: Path = Field(Path("./cache"), description="with TL_ARTIFACT_URL, this host's own caches (models and "
+                                                        "datasets downloaded from the store, features, decoded "
+                                                        "data, export templates); never shared, safe to delete")
     weights_dir: Path | None = Field(None, description="looked in first for MobileNetV2 ImageNet weights")
     api_key: str | None = Field(None, description="bearer token required on /v1 routes when set")
     port: int = Field(8000, ge=1, le=65535, description="API port for the quick-start command")
