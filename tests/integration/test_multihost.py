@@ -186,8 +186,11 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        for host in self.hosts.values():
-            host.process.stop(grace=15)
+        stoppers = [threading.Thread(target=host.process.stop, kwargs={"grace": 15}) for host in self.hosts.values()]
+        for stopper in stoppers:  # at once: each launcher waits for its children's own shutdown
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         if self.redis_child is not None:
             self.redis_child.stop(grace=5)
 
