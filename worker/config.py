@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         description="Host names the API answers to, comma-separated (`*`: any; `.example.com`: it and its "
                     "subdomains); this machine's hostname and the address a request came in on are always "
                     "allowed, and `/healthz`, `/readyz`, `/metrics` answer any Host; others get 421 (DNS rebinding)")
+    cache_max_bytes: int = Field(20 * 1024**3, ge=0,
+                                 description="with TL_ARTIFACT_URL, the disk bound of the models and of the datasets "
+                                             "each host downloads into TL_CACHE_DIR (the least recently used go "
+                                             "first, and are downloaded again when next needed)")
     data_cache_max_bytes: int = Field(1024**3, ge=0,
                                       description="disk bound of the data cache (decoded CIFAR-10); 0 keeps none")
 

@@ -209,3 +209,24 @@ def test_engine_caches_move_to_the_cache_dir_only_with_an_s3_store(tmp_path: Pat
         tmp_path / "a" / "feature-cache", tmp_path / "a" / "data-cache", tmp_path / "a" / "export-templates")
     assert (s3.feature_cache_dir, s3.data_cache_dir, s3.export_template_dir) == (
         tmp_path / "c" / "feature-cache", tmp_path / "c" / "data-cache", tmp_path / "c" / "export-templates")
+
+
+def test_downloaded_copies_stay_within_their_bound_least_recently_used_first(
+        worker_store: S3ModelStore, make_store: Callable[..., S3ModelStore], tmp_path: Path) -> None:
+    payload = b"w" * 40_000
+    for model_id in ("m_one", "m_two", "m_three"):
+        publish(worker_store, model_id, payload=payload)
+    api = make_store(tmp_path / "bounded-cache", max_bytes=100_000)  # two copies fit, not three
+    first = api.model_dir("m_one")
+    assert first is not None
+    time.sleep(0.05)
+    assert api.model_dir("m_two") is not None
+    time.sleep(0.05)
+    assert api.model_dir("m_one") == first  # used again: now m_two is the least recently used
+    time.sleep(0.05)
+    assert api.model_dir("m_three") is not None
+    cached = sorted(p.name for p in api.models_dir.iterdir())
+    assert cached == ["m_one", "m_three"]
+    again = api.model_dir("m_two")  # evicted copies come back, verified
+    assert again is not None and (again / "model.keras").read_bytes() == payload
+    assert len(list(api.models_dir.iterdir())) == 2

@@ -42,7 +42,7 @@ def open_model_store(settings: Settings, *, check: bool = False) -> ModelStore:
         return ModelStore(settings.artifact_dir)
     from worker.store.s3 import S3ModelStore  # boto3 is imported only in S3 mode
 
-    store = S3ModelStore(settings.artifact_url, settings.cache_dir)
+    store = S3ModelStore(settings.artifact_url, settings.cache_dir, max_bytes=settings.cache_max_bytes)
     if check:
         store.check()
     # S3ModelStore offers ModelStore's public interface (tests/store/test_s3.py drives both the same way).
@@ -56,7 +56,7 @@ def open_dataset_store(settings: Settings, *, check: bool = False) -> AnyDataset
         return DatasetStore(settings.artifact_dir)
     from worker.store.s3_datasets import S3DatasetStore
 
-    store = S3DatasetStore(settings.artifact_url, settings.cache_dir)
+    store = S3DatasetStore(settings.artifact_url, settings.cache_dir, max_bytes=settings.cache_max_bytes)
     if check:
         store.check()
     return store

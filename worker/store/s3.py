@@ -17,7 +17,12 @@ of the same alias are "last writer wins", as with the local store. We rely on no
 only until 3.97 (seaweedfs/seaweedfs#6433, added by #7154 in 2025) and 4.16 still let concurrent
 `If-None-Match: *` PUTs all succeed (seaweedfs/seaweedfs#8800), so the store uses plain PUT/GET/DELETE and
 works the same on all three. A `set_alias` racing a `delete` re-checks the manifest after its PUT and takes
-the alias back when the model went meanwhile.
+the alias back when the model went meanwhile. Without a conditional DELETE, two hosts deleting one model at the
+same moment may both see it and both answer that they deleted it (204 twice rather than 204 and 404); the
+model is gone either way.
+
+Downloaded copies are bounded by `max_bytes` (TL_CACHE_MAX_BYTES): after a download or a publish, the least
+recently used copies go until the rest fit; a copy removed is downloaded again when next needed.
 
 The endpoint and credentials come from the standard AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_REGION, read by boto3 itself; no message here ever contains a credential.
@@ -33,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -99,6 +105,39 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def evict_copies(directory: Path, max_bytes: int, keep: str) -> builtins.list[Path]:
+    """Remove the least recently used copies (subdirectories, by mtime) under `directory` until the others fit in
+    `max_bytes`; never `keep`, the copy just used. The paths removed (they are downloaded again when needed)."""
+    entries = []
+    try:
+        for child in directory.iterdir():
+            if child.is_dir() and not child.name.startswith(".") and child.name != keep:
+                with contextlib.suppress(OSError):
+                    size = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+                    entries.append((child.stat().st_mtime, size, child))
+        kept = sum(f.stat().st_size for f in (directory / keep).iterdir() if f.is_file())
+    except OSError:
+        return []
+    total = kept + sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
+        removed.append(path)
+    if removed:
+        log.info("cache %s: removed %d least recently used copies to stay within %d bytes", directory, len(removed),
+                 max_bytes)
+    return removed
+
+
+def touch(path: Path) -> None:
+    """Mark a cached copy as just used (its mtime orders `evict_copies`)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 class S3Bucket:
@@ -274,9 +313,12 @@ class S3Bucket:
 class S3ModelStore(ModelCatalog):
     """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
 
-    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
+    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS,
+                 max_bytes: int | None = None) -> None:
         self._bucket = S3Bucket(url, client)
         self.url = url
+        #: The disk bound of this host's downloaded models (None: none).
+        self.max_bytes = max_bytes
         self.bucket, self.prefix = self._bucket.name, self._bucket.prefix
         self.cache_dir = Path(cache_dir)
         #: Where models are staged and downloaded on this host (named like the local store's for messages).
@@ -336,6 +378,8 @@ class S3ModelStore(ModelCatalog):
             staging.rename(final)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)  # the store has it; this host downloads it when asked
+        if self.max_bytes is not None:
+            evict_copies(self.models_dir, self.max_bytes, keep=model_id)
         return final
 
     # ----- reading (the API) -----
@@ -372,11 +416,14 @@ class S3ModelStore(ModelCatalog):
             return None
         final = self.models_dir / model_id
         if S3Bucket.complete(final, manifest):
+            touch(final)
             return final
         with self._download_lock:
             if not S3Bucket.complete(final, manifest):
                 self.models_dir.mkdir(parents=True, exist_ok=True)
                 self._bucket.download_tree(manifest, self._key("models", model_id, ""), final, f"model {model_id}")
+                if self.max_bytes is not None:
+                    evict_copies(self.models_dir, self.max_bytes, keep=model_id)
         return final
 
     def metadata(self, model_id: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from worker.errors import ArtifactWriteError
 from worker.store.datasets import CIFAR10_ID, DATASETS_DIR, DatasetRecord
 from worker.store.local import SWEEP_MAX_AGE_SECONDS, sweep_entries, valid_id
-from worker.store.s3 import FRESH_SECONDS, S3Bucket
+from worker.store.s3 import FRESH_SECONDS, S3Bucket, evict_copies, touch
 
 UPLOADS_DIR = "uploads"
 
@@ -42,9 +42,12 @@ UPLOADS_DIR = "uploads"
 class S3DatasetStore:
     """Dataset records, uploads and processed data in a bucket; this host's copies in `cache_dir`."""
 
-    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS) -> None:
+    def __init__(self, url: str, cache_dir: Path, *, client: Any = None, fresh_seconds: float = FRESH_SECONDS,
+                 max_bytes: int | None = None) -> None:
         self._bucket = S3Bucket(url, client)
         self.url = url
+        #: The disk bound of this host's downloaded datasets (None: none).
+        self.max_bytes = max_bytes
         #: Where this host keeps its copies (for messages, like the local store's `root`).
         self.root = Path(cache_dir) / DATASETS_DIR
         self._uploads = Path(cache_dir) / "dataset-uploads"
@@ -179,6 +182,8 @@ class S3DatasetStore:
             staging.rename(final)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
+        if self.max_bytes is not None:
+            evict_copies(self.root, self.max_bytes, keep=dataset_id)
         return final
 
     def _manifest(self, dataset_id: str) -> dict[str, Any] | None:
@@ -203,11 +208,14 @@ class S3DatasetStore:
             return None
         final = self.root / dataset_id
         if S3Bucket.complete(final, manifest):
+            touch(final)
             return final
         with self._download_lock:
             if not S3Bucket.complete(final, manifest):
                 self.root.mkdir(parents=True, exist_ok=True)
                 self._bucket.download_tree(manifest, self._key(dataset_id, ""), final, f"dataset {dataset_id}")
+                if self.max_bytes is not None:
+                    evict_copies(self.root, self.max_bytes, keep=dataset_id)
         return final
 
     def delete(self, dataset_id: str) -> bool:
