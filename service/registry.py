@@ -3,11 +3,13 @@
 Routes and every serving protocol ask it, never each other. Refs are a model id, an alias or `latest`;
 anything that is not a valid id is a 404 before the store is touched, and every file served comes from
 the store's own paths, never from the ref. Store calls run in a worker thread; an unreadable store is a 503.
+Only the store's `catalog_version` (two stats) is read on the event loop, by `resolve_for_predict`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +31,10 @@ T = TypeVar("T")
 
 #: The alias `POST /v1/predict` uses; without it, the newest model.
 DEFAULT_ALIAS = "default"
+#: A predict ref's resolution is kept at most this long, even while the store's catalog version stays the same
+#: (that version misses only a metadata.json edited in place, which no writer here does).
+RESOLVED_MAX_AGE_SECONDS = 2.0
+RESOLVED_MAX_ENTRIES = 1024
 
 
 async def store_call(func: Callable[..., T], *args: Any) -> T:
@@ -47,6 +53,8 @@ class ModelRegistry:
     def __init__(self, store: ModelStore, cache: ModelCache) -> None:
         self.store = store
         self._cache = cache
+        #: ref (None: the default) -> (model id, the store's catalog version then, when) for predict requests.
+        self._resolved: dict[str | None, tuple[str, Hashable, float]] = {}
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         return await store_call(func, *args)
@@ -60,7 +68,32 @@ class ModelRegistry:
 
     async def resolve_for_predict(self, ref: str | None) -> str:
         """Like `resolve`; `None` means the default alias, else the newest model. With no model at all the
-        404 says to train one first."""
+        404 says to train one first.
+
+        What a ref resolved to is kept while the store's `catalog_version` (two stats, read here on the event
+        loop: cheaper than the hand-off to a thread) is the same and for at most `RESOLVED_MAX_AGE_SECONDS`, so
+        a predict request for a known model touches no thread and lists nothing; a model published or deleted,
+        or an alias written, by any process, changes the version, and is seen by the next request."""
+        version = self._catalog_version()
+        now = time.monotonic()
+        if version is not None:
+            hit = self._resolved.get(ref)
+            if hit is not None and hit[1] == version and now - hit[2] < RESOLVED_MAX_AGE_SECONDS:
+                return hit[0]
+        model_id = await self._resolve_for_predict(ref)
+        if version is not None:
+            if len(self._resolved) >= RESOLVED_MAX_ENTRIES:
+                self._resolved.clear()
+            self._resolved[ref] = (model_id, version, now)
+        return model_id
+
+    def _catalog_version(self) -> Hashable | None:
+        try:
+            return self.store.catalog_version()
+        except OSError:  # resolved the slow way, which answers the 503
+            return None
+
+    async def _resolve_for_predict(self, ref: str | None) -> str:
         try:
             if ref is None:
                 try:
@@ -91,6 +124,7 @@ class ModelRegistry:
         """Delete a model and the aliases pointing at it; 404 if there is none."""
         if not valid_id(model_id) or not await self._call(self.store.delete, model_id):
             raise ModelNotFound(model_id)
+        self._resolved.clear()
         self._cache.evict(model_id)
 
     async def file(self, ref: str, name: str, missing: str) -> tuple[str, Path]:
@@ -114,9 +148,17 @@ class ModelRegistry:
             await self._call(self.store.set_alias, alias, model_id)
         except ModelGone:  # deleted between the check above and the alias lock
             raise ModelNotFound(model_id) from None
+        finally:
+            self._resolved.clear()
 
     async def delete_alias(self, alias: str) -> None:
-        if not ALIAS_PATTERN.fullmatch(alias) or not await self._call(self.store.delete_alias, alias):
+        if not ALIAS_PATTERN.fullmatch(alias):
+            raise AliasNotFound(alias)
+        try:
+            deleted = await self._call(self.store.delete_alias, alias)
+        finally:
+            self._resolved.clear()
+        if not deleted:
             raise AliasNotFound(alias)
 
 

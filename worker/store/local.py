@@ -34,7 +34,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -274,6 +274,12 @@ class ModelCatalog:
         infos = (self.info(model_id, aliases) for model_id in self.list_ids())
         return [info for info in infos if info is not None]
 
+    def catalog_version(self) -> Hashable | None:
+        """A token that changes whenever a model is published or deleted or an alias is written, read without
+        listing anything, so a caller may keep what `resolve` answered while the token stays the same; None when
+        the backend has no such cheap token (then every ref is resolved again). May raise OSError."""
+        return None
+
     def resolve(self, ref: str) -> str | None:
         """A model id for `ref`: a model id, an alias, or `latest` (newest model)."""
         if ref == "latest":
@@ -369,6 +375,22 @@ class ModelStore(ModelCatalog):
 
     def has_model(self, model_id: str) -> bool:
         return self.model_dir(model_id) is not None
+
+    def catalog_version(self) -> Hashable | None:
+        """Two stats: `models/` (publishing renames a model directory into it, deleting renames one out: its
+        mtime and link count change) and `aliases.json` (replaced atomically: a new inode each write). None
+        while there is no `models/` yet."""
+        try:
+            models = os.stat(self.models_dir)
+        except FileNotFoundError:
+            return None
+        try:
+            aliases = os.stat(self.aliases_file)
+        except FileNotFoundError:
+            alias_version = None
+        else:
+            alias_version = (aliases.st_ino, aliases.st_mtime_ns, aliases.st_size)
+        return models.st_ino, models.st_mtime_ns, models.st_nlink, alias_version
 
     def delete(self, model_id: str) -> bool:
         """Remove a model (atomically: renamed away first) and every alias pointing at it. False when there is
