@@ -2,7 +2,9 @@
 
 The pixel work is `worker.imaging` (shared with dataset processing, so training and serving see images
 the same way); this module turns its errors into the HTTP side's (400 undecodable, 413 too many pixels).
-Runs in a worker thread, never on the event loop.
+The pixel work runs in a worker thread, except for a request of a few small images (`INLINE_DECODE_FILES`
+files of at most `INLINE_DECODE_PIXELS` declared pixels together in `INLINE_DECODE_BYTES`, a JSON body of at
+most that many bytes): decoding those on the event loop costs less than the hand-off to a thread and back.
 
 Pixel bombs (a few KB of PNG that declare 40 megapixels) cost CPU and memory by the pixel, not by the byte,
 so pixels are bounded from the headers before anything is decoded: per image (`TL_MAX_IMAGE_PIXELS`) and
@@ -43,6 +45,11 @@ MAX_REQUEST_PIXELS = 64_000_000
 #: Images above this many pixels are decoded by `BIG_DECODER`'s threads, at most that many at a time.
 BIG_IMAGE_PIXELS = 2_000_000
 BIG_DECODER = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="tl-decode")
+#: A request of at most this many image files, this many bytes (of files, or of JSON body) and this many declared
+#: pixels together is decoded on the event loop (a 32x32 PNG: about 0.1 ms; a thread hand-off costs more).
+INLINE_DECODE_FILES = 4
+INLINE_DECODE_BYTES = 16 * 1024
+INLINE_DECODE_PIXELS = 64 * 64
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,13 @@ def decode_image(data: bytes, label: str, size: int = imaging.INPUT_SIZE, *,
     pixels = imaging.declared_pixels(data) or 0
     if pixels > max_pixels:
         raise PayloadTooLarge(_image_too_large(label, pixels, max_pixels))
+    return _decode(data, label, size, max_pixels, big=pixels > BIG_IMAGE_PIXELS)
+
+
+def _decode(data: bytes, label: str, size: int, max_pixels: int, *, big: bool = False) -> np.ndarray:
+    """`decode_image` once the header was read: `big` images go to `BIG_DECODER`."""
     try:
-        if pixels > BIG_IMAGE_PIXELS:  # called in a worker thread already: waiting here blocks no event loop
+        if big:  # called in a worker thread already: waiting here blocks no event loop
             return BIG_DECODER.submit(imaging.decode_image, data, label, size, max_pixels=max_pixels).result()
         return imaging.decode_image(data, label, size, max_pixels=max_pixels)
     except imaging.ImageTooLarge as exc:
@@ -78,9 +90,10 @@ def _image_too_large(label: str, pixels: int, limit: int) -> str:
     return f"{label} is too large: {pixels} pixels, at most {limit} are accepted per image (TL_MAX_IMAGE_PIXELS)"
 
 
-def check_pixels(files: Sequence[tuple[str, bytes]], limits: PixelLimits) -> None:
+def check_pixels(files: Sequence[tuple[str, bytes]], limits: PixelLimits) -> int:
     """413 when one image, or all of them together, declare more pixels than `limits` allow; read from the
-    headers alone, before any image is decoded (an unreadable file counts nothing: decoding says why)."""
+    headers alone, before any image is decoded (an unreadable file counts nothing: decoding says why).
+    Returns the pixels they declare together."""
     total = 0
     for label, data in files:
         pixels = imaging.declared_pixels(data) or 0
@@ -91,6 +104,7 @@ def check_pixels(files: Sequence[tuple[str, bytes]], limits: PixelLimits) -> Non
             raise PayloadTooLarge(f"too many pixels in one request: its images declare more than {limits.per_request}"
                                   f" together (TL_MAX_REQUEST_PIXELS; {len(files)} images, {label} passes it); "
                                   "send smaller images or fewer per request")
+    return total
 
 
 def decode_b64(value: str, label: str, size: int = imaging.INPUT_SIZE, *,
@@ -151,12 +165,34 @@ async def read_images(request: Request, max_batch: int, shape: tuple[int, ...] =
         return await _read_multipart(request, max_batch, shape[0], limits)
     if media == "application/json" or media.endswith("+json"):
         body = await request.body()
-        return await run_in_threadpool(_images_from_json, body, max_batch, shape, limits)
+        if len(body) > INLINE_DECODE_BYTES:
+            return await run_in_threadpool(_images_from_json, body, max_batch, shape, limits)
+        items = _json_items(body, max_batch, shape)  # a small body: parsed here
+        files = [item for item in items if isinstance(item, tuple)]
+        if _small(files, limits):
+            return _stack_items(items, shape, limits)
+        return await run_in_threadpool(_stack_items, items, shape, limits)
     if media in RAW_IMAGE_TYPES:
         body = await request.body()
-        return await run_in_threadpool(_decode_files, [("image 0 (the request body)", body)], shape[0], limits)
+        return await decode_files([("image 0 (the request body)", body)], shape[0], limits)
     shown = f"{media!r}" if media else "none"
     raise UnsupportedMediaType(f"unsupported content type {shown}: send {SUPPORTED}")
+
+
+async def decode_files(files: list[tuple[str, bytes]], size: int, limits: PixelLimits) -> np.ndarray:
+    """Image files -> a float32 (N, size, size, 3) batch, their pixels checked against `limits` first; a few
+    small files are decoded here on the event loop, the rest in a worker thread."""
+    if _small(files, limits):  # their headers were read: at most INLINE_DECODE_PIXELS, none is big
+        return np.stack([_decode(data, label, size, limits.per_image).astype(np.float32) for label, data in files])
+    return await run_in_threadpool(_decode_files, files, size, limits)
+
+
+def _small(files: list[tuple[str, bytes]], limits: PixelLimits) -> bool:
+    """Whether `files` are few and small enough to decode on the event loop: checks their declared pixels
+    against `limits` (413) when they are few and small in bytes (reading a header costs microseconds)."""
+    if len(files) > INLINE_DECODE_FILES or sum(len(data) for _, data in files) > INLINE_DECODE_BYTES:
+        return False
+    return check_pixels(files, limits) <= INLINE_DECODE_PIXELS
 
 
 def _decode_files(files: list[tuple[str, bytes]], size: int, limits: PixelLimits) -> np.ndarray:
@@ -185,7 +221,7 @@ async def _read_multipart(request: Request, max_batch: int, size: int, limits: P
             files.append((name, await part.read()))
     finally:
         await form.close()
-    return await run_in_threadpool(_decode_files, files, size, limits)
+    return await decode_files(files, size, limits)
 
 
 def refuse_oversized_json(body: bytes, max_batch: int, shape: tuple[int, ...]) -> None:
@@ -203,6 +239,12 @@ def refuse_oversized_json(body: bytes, max_batch: int, shape: tuple[int, ...]) -
 
 
 def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...], limits: PixelLimits) -> np.ndarray:
+    return _stack_items(_json_items(body, max_batch, shape), shape, limits)
+
+
+def _json_items(body: bytes, max_batch: int, shape: tuple[int, ...]) -> list[np.ndarray | tuple[str, bytes]]:
+    """The instances of a JSON body: nested lists as arrays, image files (base64) as (label, bytes) still to
+    decode."""
     refuse_oversized_json(body, max_batch, shape)
     try:
         payload = json.loads(body)
@@ -231,6 +273,12 @@ def _images_from_json(body: bytes, max_batch: int, shape: tuple[int, ...], limit
         else:
             raise InvalidInput.at(
                 loc, f"{label} must be {{\"b64\": ...}} or a {_dims(shape)} nested list of numbers 0..255")
+    return items
+
+
+def _stack_items(items: list[np.ndarray | tuple[str, bytes]], shape: tuple[int, ...],
+                 limits: PixelLimits) -> np.ndarray:
+    """The batch of a JSON body's instances, its image files' pixels checked against `limits` first."""
     check_pixels([item for item in items if isinstance(item, tuple)], limits)
     return np.stack([item if isinstance(item, np.ndarray)
                      else decode_image(item[1], item[0], shape[0], max_pixels=limits.per_image).astype(np.float32)
