@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -24,3 +25,9 @@ def rank_predictions(probs: np.ndarray, classes: list[str], k: int, with_probabi
 
 def _label(classes: list[str], index: int) -> str:
     return classes[index] if index < len(classes) else str(index)
+
+
+def predict_body(model_id: str, predictions: list[dict[str, Any]]) -> bytes:
+    """The JSON of `/v1` predict's answer (`service.schemas.PredictResponse`) for `rank_predictions`' output."""
+    return json.dumps({"model_id": model_id, "predictions": predictions}, ensure_ascii=False,
+                      separators=(",", ":"), allow_nan=False).encode()
