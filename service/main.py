@@ -75,7 +75,8 @@ def build_services(settings: Settings, metrics: ServiceMetrics) -> Services:
     cache = ModelCache(store, executor, size=settings.model_cache_size, threads=settings.serving_threads,
                        max_batch=settings.max_batch, window_ms=settings.batch_window_ms,
                        on_batch=metrics.batch_images.observe,
-                       on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds))
+                       on_load=lambda backend, seconds: metrics.model_load.labels(backend=backend).observe(seconds),
+                       alone=metrics.predict_alone)
     celery = make_celery(settings)
     job_store = AsyncJobStore(redis_client(settings), settings.job_ttl_seconds)
     datasets = DatasetService(open_dataset_store(settings), job_store, celery, settings.job_lost_seconds)

@@ -25,6 +25,7 @@ from prometheus_client import (
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.middleware import is_inference, routed_path
 from worker.jobstore import STATUSES
 
 UNMATCHED_ROUTE = "<unmatched>"
@@ -54,6 +55,25 @@ class ServiceMetrics:
         self.jobs = Gauge("tl_jobs", "training jobs by status (read from Redis at scrape time)", ["status"],
                           registry=self.registry)
         self.job_store_up = Gauge("tl_job_store_up", "1 when Redis answered the last scrape", registry=self.registry)
+        #: Predict requests of every protocol being answered now (`MetricsMiddleware` counts them): the
+        #: micro-batcher runs a request on the event loop when it is the only one.
+        self.inference_in_flight = 0
+        # (method, route, status) -> the request counter's and the latency histogram's children: looked up once
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def predict_alone(self) -> bool:
+        """Whether at most one predict request is being answered (the caller's own)."""
+        return self.inference_in_flight <= 1
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(status))
+        children = self._request_children.get(key)
+        if children is None:
+            labels = {"method": key[0], "route": key[1], "status": key[2]}
+            children = (self.requests.labels(**labels), self.latency.labels(**labels))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_job_counts(self, counts: dict[str, int] | None) -> None:
         """Refresh `tl_jobs`; None means Redis did not answer (the last known counts stay)."""
@@ -84,7 +104,8 @@ def route_template(scope: Scope) -> str:
 
 
 class MetricsMiddleware:
-    """Counts and times every HTTP request (the outermost layer, so 401 and 413 answers count too)."""
+    """Counts and times every HTTP request (the outermost layer, so 401 and 413 answers count too), and keeps
+    `ServiceMetrics.inference_in_flight`, the predict requests of every protocol being answered."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -96,16 +117,19 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = [500]
+        inference = is_inference(routed_path(scope))
 
         async def send_with_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
             await send(message)
 
+        if inference:
+            self.metrics.inference_in_flight += 1
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            labels: dict[str, Any] = {"method": scope["method"], "route": route_template(scope),
-                                      "status": str(status[0])}
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.latency.labels(**labels).observe(time.perf_counter() - started)
+            if inference:
+                self.metrics.inference_in_flight -= 1
+            self.metrics.observe_request(scope["method"], route_template(scope), status[0],
+                                         time.perf_counter() - started)

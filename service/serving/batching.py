@@ -2,7 +2,12 @@
 
 A forming batch waits at most `TL_BATCH_WINDOW_MS`, and only for requests already on their way (like
 TF Serving's batch_timeout, but a lone request does not wait); while a batch runs, the next one gathers
-by itself. Each model runs one batch at a time, in a worker thread, never on the event loop.
+by itself. Each model runs one batch at a time, in a worker thread; only a request that is alone (no other
+predict request in the process, `alone()`, and nothing queued or running on the model) of at most
+`INLINE_MAX_IMAGES` images runs on the event loop itself: there is nothing to batch it with, and the two
+thread hand-offs (there and back) cost a lone single-image request more than a third of the model's own time
+(bench/README.md). A runner says whether it may run so (`Runner.inline`: LiteRT's single-image call takes
+about a millisecond; the Keras fallback never).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.serving.runners import Runner
+
+#: A lone request of at most this many images runs on the event loop (see the module docstring).
+INLINE_MAX_IMAGES = 2
 
 
 @dataclass
@@ -35,12 +43,14 @@ class MicroBatcher:
     """
 
     def __init__(self, runner: Runner, executor: Executor, max_batch: int, window_s: float,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, alone: Callable[[], bool] | None = None) -> None:
         self.runner = runner
         self._executor = executor
         self._max_batch = max_batch
         self._window_s = window_s
         self._on_batch = on_batch
+        #: Whether the caller's request is the only predict request in the process (None: never assumed).
+        self._alone = alone if getattr(runner, "inline", False) else None
         self._pending: deque[_Request] = deque()
         self._pending_images = 0
         self._incoming = 0
@@ -59,6 +69,12 @@ class MicroBatcher:
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for `images` (N <= max_batch), computed in a batch shared with concurrent calls."""
+        if (self._alone is not None and len(images) <= INLINE_MAX_IMAGES and not self._pending
+                and self._incoming == 0 and (self._drainer is None or self._drainer.done()) and self._alone()):
+            probs = self.runner.predict(images)  # nothing to batch with: on the loop, no hand-off
+            if self._on_batch is not None:
+                self._on_batch(len(images))
+            return probs
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending.append(_Request(images, future))
         self._pending_images += len(images)

@@ -40,7 +40,7 @@ class ModelCache:
 
     def __init__(self, store: ModelStore, executor: Executor, *, size: int, threads: int, max_batch: int,
                  window_ms: float, on_batch: Callable[[int], None] | None = None,
-                 on_load: Callable[[str, float], None] | None = None) -> None:
+                 on_load: Callable[[str, float], None] | None = None, alone: Callable[[], bool] | None = None) -> None:
         self._store = store
         self._executor = executor
         self._size = size
@@ -49,6 +49,7 @@ class ModelCache:
         self._window_s = window_ms / 1000.0
         self._on_batch = on_batch
         self._on_load = on_load
+        self._alone = alone
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
 
@@ -112,7 +113,8 @@ class ModelCache:
         log.info("loaded model %s (%s) in %.2f s", model_id, runner.backend, seconds)
         classes = [str(c) for c in meta.get("classes") or CLASS_NAMES]
         entry = LoadedModel(model_id, classes, runner.backend,
-                            MicroBatcher(runner, self._executor, self._max_batch, self._window_s, self._on_batch))
+                            MicroBatcher(runner, self._executor, self._max_batch, self._window_s, self._on_batch,
+                                         self._alone))
         if self._store.model_dir(model_id) is None:  # deleted while it loaded
             raise ModelNotFound(model_id)
         self._entries[model_id] = entry

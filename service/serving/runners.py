@@ -30,6 +30,9 @@ class Runner(Protocol):
 
     backend: str
 
+    #: Whether a lone small request may run on the event loop (`service.serving.batching`).
+    inline: bool
+
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
 
@@ -42,6 +45,7 @@ class TFLiteRunner:
     `threads`; not thread-safe, so one batch at a time (the batcher's job)."""
 
     backend = "tflite"
+    inline = True
 
     def __init__(self, path: Path, threads: int) -> None:
         self._path = path
@@ -66,6 +70,7 @@ class KerasRunner:
     """The Keras fallback for a model directory without `model.tflite` (imports TensorFlow, lazily)."""
 
     backend = "keras"
+    inline = False
 
     def __init__(self, path: Path) -> None:
         import keras
