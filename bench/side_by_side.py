@@ -358,7 +358,7 @@ def main() -> None:
         for label in labels:
             r = results[label]
             if "error" in r:
-                rows.append([label, "-", "failed", r["error"][:60], "", "", "", "", "", "", ""])
+                rows.append([label, "-", "failed (see above)", "", "", "", "", "", "", "", ""])
                 continue
             for count in CLIENT_COUNTS:
                 c = r[f"clients{count}"]
