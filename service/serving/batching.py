@@ -3,7 +3,8 @@
 A forming batch waits at most `TL_BATCH_WINDOW_MS`, and only for requests already on their way (like
 TF Serving's batch_timeout, but a lone request does not wait); while a batch runs, the next one gathers
 by itself. Each model runs one batch at a time, in a worker thread; only a request that is alone (no other
-predict request in the process, `alone()`, and nothing queued or running on the model) of at most
+predict request in the process, `alone()`, and nothing queued or running on the model, still so after
+`INLINE_YIELDS` turns of the loop, which let the requests already read reach the batcher) of at most
 `INLINE_MAX_IMAGES` images runs on the event loop itself: there is nothing to batch it with, and the two
 thread hand-offs (there and back) cost a lone single-image request more than a third of the model's own time
 (bench/README.md). A runner says whether it may run so (`Runner.inline`: LiteRT's single-image call takes
@@ -23,8 +24,10 @@ import numpy as np
 
 from service.serving.runners import Runner
 
-#: A lone request of at most this many images runs on the event loop (see the module docstring).
+#: A lone request of at most this many images runs on the event loop (see the module docstring) ...
 INLINE_MAX_IMAGES = 2
+#: ... once it is still alone after this many turns of the loop.
+INLINE_YIELDS = 2
 
 
 @dataclass
@@ -69,19 +72,43 @@ class MicroBatcher:
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for `images` (N <= max_batch), computed in a batch shared with concurrent calls."""
-        if (self._alone is not None and len(images) <= INLINE_MAX_IMAGES and not self._pending
-                and self._incoming == 0 and (self._drainer is None or self._drainer.done()) and self._alone()):
-            probs = self.runner.predict(images)  # nothing to batch with: on the loop, no hand-off
-            if self._on_batch is not None:
-                self._on_batch(len(images))
-            return probs
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(images, future))
+        request = _Request(images, future)
+        lone = self._could_run_alone(len(images))
+        self._pending.append(request)
         self._pending_images += len(images)
+        if lone:
+            # Let the requests the server has already read reach the batcher first: one turn of the loop reads
+            # the sockets that are ready, the next runs the requests they start. Whoever arrives meanwhile
+            # starts the drainer, which takes this request along; with nobody, it runs here and now.
+            try:
+                for _ in range(INLINE_YIELDS):
+                    await asyncio.sleep(0)
+            except BaseException:  # the caller went away (cancelled)
+                if request in self._pending:
+                    self._pending.remove(request)
+                    self._pending_images -= len(images)
+                future.cancel()
+                raise
+            if (len(self._pending) == 1 and self._pending[0] is request
+                    and self._could_run_alone(len(images), queued=1)):
+                self._pending.popleft()
+                self._pending_images -= len(images)
+                probs = self.runner.predict(images)  # nothing to batch with: on the loop, no hand-off
+                if self._on_batch is not None:
+                    self._on_batch(len(images))
+                return probs
         self._changed.set()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
+
+    def _could_run_alone(self, images: int, queued: int = 0) -> bool:
+        """Whether a request of `images` may run on the event loop: a runner that allows it, few images, no
+        other request queued (but `queued` of its own), being read or running on this model, and no other
+        predict request in the process."""
+        return (self._alone is not None and images <= INLINE_MAX_IMAGES and len(self._pending) == queued
+                and self._incoming == 0 and (self._drainer is None or self._drainer.done()) and self._alone())
 
     async def _gather(self) -> None:
         """Wait (at most the window) while announced requests may still join and the batch is not full."""

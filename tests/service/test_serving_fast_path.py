@@ -120,3 +120,24 @@ def test_everything_else_runs_in_the_inference_thread(trained_model: Path, image
     ]:
         run_batcher(runner, alone, calls)
         assert runner.threads == ["infer_0"], runner.threads
+    together = ThreadRecorder(litert)  # arriving in the same turn of the loop: one batch, not three lone runs
+    results = run_batcher(together, True, [images[:1], images[1:2], images[2:3]])
+    assert together.threads == ["infer_0"] and [len(r) for r in results] == [1, 1, 1]
+
+
+def test_a_lone_request_cancelled_while_it_waits_to_run_leaves_nothing_queued(trained_model: Path,
+                                                                              images: np.ndarray) -> None:
+    runner = ThreadRecorder(TFLiteRunner(trained_model / TFLITE_FILE, threads=1))
+
+    async def go() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="infer") as pool:
+            batcher = MicroBatcher(runner, pool, 64, 0.02, alone=lambda: True)
+            task = asyncio.create_task(batcher.predict(images[:1]))
+            await asyncio.sleep(0)  # it is waiting for its turns of the loop
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert len(await batcher.predict(images[:1])) == 1  # alone again: on the loop
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert runner.threads == [threading.main_thread().name]
