@@ -347,16 +347,16 @@ def test_a_worker_killed_mid_job_fails_its_job_while_the_other_continues(cluster
     api = cluster.apis()[0]
     with api.client() as client:
         jobs = [client.post("/v1/jobs", json={**LONG, "seed": 10 + i}).json()["id"] for i in range(2)]
-        wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] == "running" for j in jobs), 180,
-                 what="both long jobs running")
-        wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["progress"]["stage"] == "training" for j in jobs), 180,
-                 what="both long jobs training")
+        wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] != "queued" for j in jobs), 180,
+                 what="both long jobs taken by a worker")
         victim = cluster.hosts["gpu-a"]
         on_victim = [j for j in jobs if str(cluster.redis().hget(job_key(j), "worker")).startswith(
             f"worker-{victim.process.pid}@")]  # the launcher names its worker worker-{its pid}@host
         assert len(on_victim) == 1, {j: cluster.redis().hget(job_key(j), "worker") for j in jobs}
         killed_job = on_victim[0]
         survivor = next(j for j in jobs if j != killed_job)
+        wait_for(lambda: client.get(f"/v1/jobs/{killed_job}").json()["progress"]["stage"] == "training", 180,
+                 what="the victim's job training")
         os.killpg(os.getpgid(victim.celery_parent()), signal.SIGKILL)  # the Celery parent and its pool child
 
         lost = wait_job(client, killed_job, timeout=LOST_SECONDS * 4)

@@ -28,8 +28,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def shared_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     data, weights = testkit.require_data(), testkit.require_weights()
     # An artifact directory of the session's own, so the decoded-data cache never lands in the checkout.
+    # No exports beyond model.keras and model.tflite: they cost a transfer job tens of seconds, and the tests of
+    # the exports ask for them (test_training's transfer_run, test_exports).
     return Settings().model_copy(update={"data_dir": data, "weights_dir": weights, "allow_download": False,
-                                         "artifact_dir": tmp_path_factory.mktemp("shared-artifacts")})
+                                         "artifact_dir": tmp_path_factory.mktemp("shared-artifacts"),
+                                         "exports": ""})
 
 
 @pytest.fixture

@@ -48,6 +48,12 @@ def module_settings(shared_settings: Settings, tmp_path_factory: pytest.TempPath
     return shared_settings.model_copy(update={"artifact_dir": tmp_path_factory.mktemp("artifacts")})
 
 
+@pytest.fixture(scope="module")
+def export_settings(module_settings: Settings) -> Settings:
+    """`module_settings` with every export (the default TL_EXPORTS): only transfer_run pays for them."""
+    return module_settings.model_copy(update={"exports": Settings.model_fields["exports"].default})
+
+
 BASELINE = JobCreate(model="baseline", train_samples=400, test_samples=200, epochs=2, seed=7, name="tiny-cnn")
 TRANSFER = JobCreate(model="transfer", train_samples=300, test_samples=200, epochs=2, seed=7)
 
@@ -59,9 +65,9 @@ def baseline_run(module_settings: Settings, recording_reporter: Any) -> tuple[Tr
 
 
 @pytest.fixture(scope="module")
-def transfer_run(module_settings: Settings, recording_reporter: Any) -> tuple[TrainResult, Any]:
+def transfer_run(export_settings: Settings, recording_reporter: Any) -> tuple[TrainResult, Any]:
     reporter = recording_reporter()
-    return train_job(TRANSFER, module_settings, reporter, job_id="j_test_transfer"), reporter
+    return train_job(TRANSFER, export_settings, reporter, job_id="j_test_transfer"), reporter
 
 
 @pytest.mark.parametrize("run", ["baseline_run", "transfer_run"])
