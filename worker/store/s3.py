@@ -310,6 +310,86 @@ class S3Bucket:
                     self.delete(obj["Key"])
 
 
+class CopyCache:
+    """The manifests under one key prefix and this host's verified copies of what they list (one directory per
+    name under `directory`): a manifest is trusted for `fresh_seconds`, and while the store is down the last one
+    read still holds; a copy is downloaded once, and copies beyond `max_bytes` go least recently used first."""
+
+    def __init__(self, bucket: S3Bucket, prefix: str, directory: Path, what: str, fresh_seconds: float,
+                 max_bytes: int | None) -> None:
+        self._bucket, self._prefix, self.directory, self._what = bucket, prefix, directory, what
+        self._fresh, self._max_bytes = fresh_seconds, max_bytes
+        self._lock = threading.Lock()
+        self._download_lock = threading.Lock()
+        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}  # name -> (read at, manifest)
+
+    def remember(self, name: str, manifest: dict[str, Any] | None) -> None:
+        """What this host just wrote or deleted: trusted as if read now."""
+        with self._lock:
+            self._manifests[name] = (time.monotonic(), manifest)
+
+    def forget(self, name: str) -> None:
+        """Ask the store again next time."""
+        with self._lock:
+            self._manifests.pop(name, None)
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        """The manifest of `name` (None when absent; this host's copy then goes too)."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._manifests.get(name)
+        if cached is not None and now - cached[0] < self._fresh:
+            return cached[1]
+        try:
+            manifest = self._bucket.read_manifest(f"{self._prefix}{name}/", f"{self._what} {name}")
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            # The store is down: what this host last knew still holds (a cached model keeps being served),
+            # and the store is asked again only after another `fresh_seconds`.
+            self.remember(name, cached[1])
+            return cached[1]
+        self.remember(name, manifest)
+        if manifest is None:
+            shutil.rmtree(self.directory / name, ignore_errors=True)  # deleted elsewhere: drop our copy
+        return manifest
+
+    def local_copy(self, name: str) -> Path | None:
+        """This host's verified copy of `name` (downloaded on first use), or None when there is no such thing."""
+        manifest = self.manifest(name)
+        if manifest is None:
+            return None
+        final = self.directory / name
+        if S3Bucket.complete(final, manifest):
+            touch(final)
+            return final
+        with self._download_lock:
+            if not S3Bucket.complete(final, manifest):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._bucket.download_tree(manifest, f"{self._prefix}{name}/", final, f"{self._what} {name}")
+                self.bound(keep=name)
+        return final
+
+    def place(self, staging: Path, name: str) -> Path:
+        """Make a just-published staging directory this host's copy of `name` (or drop it when it cannot be)."""
+        final = self.directory / name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            staging.rename(final)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # the store has it; this host downloads it when asked
+        self.bound(keep=name)
+        return final
+
+    def drop(self, name: str) -> None:
+        shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def bound(self, keep: str) -> None:
+        if self._max_bytes is not None:
+            evict_copies(self.directory, self._max_bytes, keep=keep)
+
+
 class S3ModelStore(ModelCatalog):
     """The `ModelStore` interface over a bucket: models and aliases in S3, downloaded models in `cache_dir`."""
 
@@ -326,9 +406,8 @@ class S3ModelStore(ModelCatalog):
         self._staging_dir = self.cache_dir / "models-staging"
         self._fresh = fresh_seconds
         self._lock = threading.Lock()
-        self._download_lock = threading.Lock()
-        # model id -> (checked at, manifest or None when absent)
-        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._copies = CopyCache(self._bucket, self._key("models", ""), self.models_dir, "model", fresh_seconds,
+                                 max_bytes)
         self._listing: tuple[float, list[str]] | None = None
         self._aliases: tuple[float, dict[str, str]] | None = None
 
@@ -368,19 +447,10 @@ class S3ModelStore(ModelCatalog):
         except (OSError, ValueError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ArtifactWriteError(f"cannot write model {model_id} to {self.url}: {exc}") from exc
+        self._copies.remember(model_id, manifest)
         with self._lock:
-            self._manifests[model_id] = (time.monotonic(), manifest)
             self._listing = None
-        final = self.models_dir / model_id
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
-        try:
-            staging.rename(final)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # the store has it; this host downloads it when asked
-        if self.max_bytes is not None:
-            evict_copies(self.models_dir, self.max_bytes, keep=model_id)
-        return final
+        return self._copies.place(staging, model_id)
 
     # ----- reading (the API) -----
 
@@ -388,43 +458,13 @@ class S3ModelStore(ModelCatalog):
         """The manifest of a complete model (trusted for `fresh_seconds`), or None."""
         if not valid_id(model_id) or model_id.startswith("."):
             return None
-        now = time.monotonic()
-        with self._lock:
-            cached = self._manifests.get(model_id)
-        if cached is not None and now - cached[0] < self._fresh:
-            return cached[1]
-        try:
-            manifest = self._bucket.read_manifest(self._key("models", model_id, ""), f"model {model_id}")
-        except StoreUnavailable:
-            if cached is None:
-                raise
-            # The store is down: what this host last knew still holds (a cached model keeps being served),
-            # and the store is asked again only after another `fresh_seconds`.
-            with self._lock:
-                self._manifests[model_id] = (now, cached[1])
-            return cached[1]
-        with self._lock:
-            self._manifests[model_id] = (now, manifest)
-        if manifest is None:
-            shutil.rmtree(self.models_dir / model_id, ignore_errors=True)  # deleted elsewhere: drop our copy
-        return manifest
+        return self._copies.manifest(model_id)
 
     def model_dir(self, model_id: str) -> Path | None:
         """The local directory of a complete model (downloaded and verified on first use), or None."""
-        manifest = self._manifest(model_id)
-        if manifest is None:
+        if not valid_id(model_id) or model_id.startswith("."):
             return None
-        final = self.models_dir / model_id
-        if S3Bucket.complete(final, manifest):
-            touch(final)
-            return final
-        with self._download_lock:
-            if not S3Bucket.complete(final, manifest):
-                self.models_dir.mkdir(parents=True, exist_ok=True)
-                self._bucket.download_tree(manifest, self._key("models", model_id, ""), final, f"model {model_id}")
-                if self.max_bytes is not None:
-                    evict_copies(self.models_dir, self.max_bytes, keep=model_id)
-        return final
+        return self._copies.local_copy(model_id)
 
     def metadata(self, model_id: str) -> dict[str, Any] | None:
         """The model's metadata (carried in its manifest), or None when absent or malformed."""
@@ -460,19 +500,18 @@ class S3ModelStore(ModelCatalog):
 
     def delete(self, model_id: str) -> bool:
         """Remove a model: its manifest first (no longer listed or served), then its aliases and files."""
-        with self._lock:
-            self._manifests.pop(model_id, None)
+        self._copies.forget(model_id)
         if self._manifest(model_id) is None:
             return False
         self._bucket.delete(self._key("models", model_id, MANIFEST_FILE))
+        self._copies.remember(model_id, None)
         with self._lock:
-            self._manifests[model_id] = (time.monotonic(), None)
             self._listing = None
         for alias, target in self._read_aliases_now().items():
             if target == model_id:
                 self._bucket.delete(self._key("aliases", alias))
         self._bucket.remove_prefix(self._key("models", model_id, ""))
-        shutil.rmtree(self.models_dir / model_id, ignore_errors=True)
+        self._copies.drop(model_id)
         return True
 
     def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
@@ -513,13 +552,12 @@ class S3ModelStore(ModelCatalog):
     def set_alias(self, alias: str, model_id: str) -> None:
         """Point `alias` at `model_id`; ModelGone when the model does not exist (checked again after the
         write, and the alias taken back, so a concurrent delete leaves no alias dangling)."""
-        with self._lock:
-            self._manifests.pop(model_id, None)
+        self._copies.forget(model_id)
         if self._manifest(model_id) is None:
             raise ModelGone(model_id)
         self._bucket.put(self._key("aliases", alias), model_id.encode("utf-8"), "text/plain")
+        self._copies.forget(model_id)
         with self._lock:
-            self._manifests.pop(model_id, None)
             self._aliases = None
         if self._manifest(model_id) is None:
             self._bucket.delete(self._key("aliases", alias))

@@ -23,7 +23,6 @@ import builtins
 import contextlib
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from pydantic import ValidationError
 from worker.errors import ArtifactWriteError
 from worker.store.datasets import CIFAR10_ID, DATASETS_DIR, DatasetRecord
 from worker.store.local import SWEEP_MAX_AGE_SECONDS, sweep_entries, valid_id
-from worker.store.s3 import FRESH_SECONDS, S3Bucket, evict_copies, touch
+from worker.store.s3 import FRESH_SECONDS, CopyCache, S3Bucket
 
 UPLOADS_DIR = "uploads"
 
@@ -52,10 +51,7 @@ class S3DatasetStore:
         self.root = Path(cache_dir) / DATASETS_DIR
         self._uploads = Path(cache_dir) / "dataset-uploads"
         self._staging_dir = Path(cache_dir) / "datasets-staging"
-        self._fresh = fresh_seconds
-        self._lock = threading.Lock()
-        self._download_lock = threading.Lock()
-        self._manifests: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._copies = CopyCache(self._bucket, self._key(""), self.root, "dataset", fresh_seconds, max_bytes)
 
     @property
     def location(self) -> str:
@@ -173,50 +169,14 @@ class S3DatasetStore:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ArtifactWriteError(f"cannot write dataset {dataset_id} to {self.url}: {exc}") from exc
-        with self._lock:
-            self._manifests[dataset_id] = (time.monotonic(), manifest)
-        final = self.root / dataset_id
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
-        try:
-            staging.rename(final)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-        if self.max_bytes is not None:
-            evict_copies(self.root, self.max_bytes, keep=dataset_id)
-        return final
-
-    def _manifest(self, dataset_id: str) -> dict[str, Any] | None:
-        now = time.monotonic()
-        with self._lock:
-            cached = self._manifests.get(dataset_id)
-        if cached is not None and now - cached[0] < self._fresh:
-            return cached[1]
-        manifest = self._bucket.read_manifest(self._key(dataset_id, ""), f"dataset {dataset_id}")
-        with self._lock:
-            self._manifests[dataset_id] = (now, manifest)
-        if manifest is None:
-            shutil.rmtree(self.root / dataset_id, ignore_errors=True)  # deleted elsewhere: drop our copy
-        return manifest
+        self._copies.remember(dataset_id, manifest)
+        return self._copies.place(staging, dataset_id)
 
     def data_dir(self, dataset_id: str) -> Path | None:
         """This host's verified copy of a complete dataset (downloaded on first use), or None."""
         if not valid_id(dataset_id) or dataset_id.startswith("."):
             return None
-        manifest = self._manifest(dataset_id)
-        if manifest is None:
-            return None
-        final = self.root / dataset_id
-        if S3Bucket.complete(final, manifest):
-            touch(final)
-            return final
-        with self._download_lock:
-            if not S3Bucket.complete(final, manifest):
-                self.root.mkdir(parents=True, exist_ok=True)
-                self._bucket.download_tree(manifest, self._key(dataset_id, ""), final, f"dataset {dataset_id}")
-                if self.max_bytes is not None:
-                    evict_copies(self.root, self.max_bytes, keep=dataset_id)
-        return final
+        return self._copies.local_copy(dataset_id)
 
     def delete(self, dataset_id: str) -> bool:
         """Remove a dataset: its record first (no longer listed or usable), then its data and upload."""
@@ -227,9 +187,8 @@ class S3DatasetStore:
             self._bucket.delete(self._key(dataset_id, "manifest.json"))
             self.discard_upload(dataset_id)
         self._bucket.remove_prefix(self._key(dataset_id, ""))
-        with self._lock:
-            self._manifests[dataset_id] = (time.monotonic(), None)
-        shutil.rmtree(self.root / dataset_id, ignore_errors=True)
+        self._copies.remember(dataset_id, None)
+        self._copies.drop(dataset_id)
         return True
 
     def sweep(self, max_age_seconds: float = SWEEP_MAX_AGE_SECONDS) -> builtins.list[Path]:
