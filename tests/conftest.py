@@ -31,3 +31,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     AWS_* variables pointing boto3 at it meanwhile."""
     with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as server, aws_environment(server.endpoint):
         yield server
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: SeaweedS3) -> str:
+    """A bucket of the test module's own on the session's S3 endpoint."""
+    return s3_server.new_bucket()

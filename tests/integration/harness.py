@@ -174,11 +174,7 @@ class Stack:
         raise TimeoutError(f"the stack was not ready in {timeout:.0f} s (last /readyz: {last})\n{self.log_tails()}")
 
     def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for log in sorted(self.logs.glob("*.log")):
-            text = log.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"----- {log.name} (last {len(text)} lines) -----\n" + "\n".join(text))
-        return "\n".join(out)
+        return log_tails(self.logs, lines)
 
     def pool_children(self, worker: Child | None = None) -> list[int]:
         """Pids of the Celery pool processes of `worker` (the processes that run the jobs)."""
@@ -195,6 +191,15 @@ class Stack:
         """`kill -9` the worker: its parent process and its pool child (the whole process group)."""
         (worker or self.worker).signal_group(signal.SIGKILL)
         (worker or self.worker).stop(grace=5)
+
+
+def log_tails(logs: Path, lines: int = 40) -> str:
+    """The last `lines` lines of every `*.log` under `logs`, each under its name."""
+    out = []
+    for log in sorted(logs.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"----- {log.name} (last {len(text)} lines) -----\n" + "\n".join(text))
+    return "\n".join(out)
 
 
 # ----- one stack per test session -----

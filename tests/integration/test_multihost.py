@@ -42,7 +42,16 @@ from s3kit import CREDENTIALS, SeaweedS3, seaweed_s3, weed_binary
 from service.launcher import Child, free_port, redis_server_binary
 from worker.jobstore import job_key
 
-from .harness import API_KEY, HEARTBEAT_SECONDS, LOST_SECONDS, cifar10_test_images, png_bytes, wait_for, wait_job
+from .harness import (
+    API_KEY,
+    HEARTBEAT_SECONDS,
+    LOST_SECONDS,
+    cifar10_test_images,
+    log_tails,
+    png_bytes,
+    wait_for,
+    wait_job,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 
@@ -179,11 +188,7 @@ class Cluster:
         return [h for h in self.hosts.values() if h.port is not None]
 
     def log_tails(self, lines: int = 30) -> str:
-        out = []
-        for log in sorted(self.logs.glob("*.log")):
-            text = log.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"----- {log.name} -----\n" + "\n".join(text))
-        return "\n".join(out)
+        return log_tails(self.logs, lines)
 
     def stop(self) -> None:
         stoppers = [threading.Thread(target=host.process.stop, kwargs={"grace": 15}) for host in self.hosts.values()]

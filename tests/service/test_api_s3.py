@@ -25,11 +25,6 @@ from worker.store.s3 import FRESH_SECONDS, S3ModelStore, StoreConfigError
 MODEL = "m_s3served000000000"
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server: SeaweedS3) -> str:
-    return s3_server.new_bucket()
-
-
 @pytest.fixture
 def url(bucket: str) -> str:
     return f"s3://{bucket}/t{secrets.token_hex(4)}"

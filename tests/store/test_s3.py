@@ -38,11 +38,6 @@ def publish(store: S3ModelStore, model_id: str, created_at: str = "2026-01-01T00
     return store.publish(staging, model_id)
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server: SeaweedS3) -> str:
-    return s3_server.new_bucket()
-
-
 @pytest.fixture
 def prefix() -> str:
     """Each test's own prefix in the module's bucket (a bucket per test would cost SeaweedFS volumes)."""

@@ -33,11 +33,6 @@ pytestmark = pytest.mark.realdata
 CLASSES = {"planes": 0, "frogs": 6}
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server: SeaweedS3) -> str:
-    return s3_server.new_bucket()
-
-
 @pytest.fixture
 def url(bucket: str) -> str:
     return f"s3://{bucket}/t{secrets.token_hex(4)}"

@@ -106,6 +106,20 @@ class DatasetRecord(Dataset):
         return Dataset.model_validate(self.model_dump(include=set(Dataset.model_fields)))
 
 
+@contextlib.contextmanager
+def receiving_upload(store: Any, dataset_id: str) -> Iterator[Path]:
+    """Either dataset store's `receiving`: `store.new_upload`'s path, kept (`store.keep_upload`: left in place, or
+    sent to the bucket) when the block ends without error, removed otherwise. Write the record after the block,
+    so a `processing` record always has its archive."""
+    path = store.new_upload(dataset_id)
+    try:
+        yield path
+        store.keep_upload(dataset_id, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def new_dataset_id() -> str:
     return f"ds_{secrets.token_hex(8)}"
 
@@ -175,17 +189,7 @@ class DatasetStore:
     def keep_upload(self, dataset_id: str, path: Path) -> None:
         """Store the archive written to `new_upload`'s path (it already is, in this store)."""
 
-    @contextlib.contextmanager
-    def receiving(self, dataset_id: str) -> Iterator[Path]:
-        """`new_upload`'s path, kept (`keep_upload`) when the block ends without error, removed otherwise.
-        Write the record after the block, so a `processing` record always has its archive."""
-        path = self.new_upload(dataset_id)
-        try:
-            yield path
-            self.keep_upload(dataset_id, path)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+    receiving = receiving_upload
 
     @contextlib.contextmanager
     def fetched_upload(self, dataset_id: str) -> Iterator[Path | None]:

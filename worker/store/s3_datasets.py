@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.errors import ArtifactWriteError
-from worker.store.datasets import CIFAR10_ID, DATASETS_DIR, DatasetRecord
+from worker.store.datasets import CIFAR10_ID, DATASETS_DIR, DatasetRecord, receiving_upload
 from worker.store.local import SWEEP_MAX_AGE_SECONDS, sweep_entries, valid_id
 from worker.store.s3 import FRESH_SECONDS, CopyCache, S3Bucket
 
@@ -112,16 +112,7 @@ class S3DatasetStore:
         finally:
             path.unlink(missing_ok=True)
 
-    @contextlib.contextmanager
-    def receiving(self, dataset_id: str) -> Iterator[Path]:
-        """`new_upload`'s path, sent to the bucket when the block ends without error; removed locally either way.
-        Write the record after the block, so a `processing` record always has its archive."""
-        path = self.new_upload(dataset_id)
-        try:
-            yield path
-            self.keep_upload(dataset_id, path)
-        finally:
-            path.unlink(missing_ok=True)
+    receiving = receiving_upload
 
     @contextlib.contextmanager
     def fetched_upload(self, dataset_id: str) -> Iterator[Path | None]:
