@@ -21,17 +21,17 @@ import numpy as np
 from _common import ensure_model, percentiles, print_json, print_table, shared_dir, test_images, timed
 
 
-def _contents(model_dir: Path, model: Any) -> dict[str, bytes]:
+def _contents(model_dir: Path) -> dict[str, bytes]:
     from worker.engine import exports
 
     with np.load(shared_dir("data") / "cifar10" / "train.npz") as data:
-        calibration = data["x"][:exports.CALIBRATION_IMAGES]
+        calibration = exports.calibration_images(data["x"][:5000])
     out = {"float32": (model_dir / "model.tflite").read_bytes()}
     for name, path, make in (("float16", exports.FILES[exports.FLOAT16], exports.convert_float16),
                              ("int8", exports.FILES[exports.INT8], exports.convert_int8)):
         file = model_dir / path
         started = time.perf_counter()
-        out[name] = file.read_bytes() if file.exists() else make(model, calibration)
+        out[name] = file.read_bytes() if file.exists() else make(out["float32"], calibration)
         if not file.exists():
             print(f"{name}: made here in {time.perf_counter() - started:.1f} s (not in the model directory)")
     return out
@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tl-bench-") as tmp:
         model_dir = ensure_model(args.model_dir, Path(tmp))
         model = keras.saving.load_model(str(model_dir / "model.keras"), compile=False)
-        contents = _contents(model_dir, model)
+        contents = _contents(model_dir)
     x, y = test_images(args.images, seed=3)
     keras_top1 = model.predict(x.astype(np.float32), verbose=0).argmax(axis=1)
     results: dict[str, Any] = {}

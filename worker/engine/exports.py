@@ -3,15 +3,19 @@ SavedModel for TensorFlow Serving and KServe.
 
 - `tflite-float16`: the kernels of convolutions and dense layers stored as float16 (DEQUANTIZE at load time),
   biases and the other small constants kept float32; float32 image in (raw 0..255, as `model.tflite`) and
-  float32 probabilities out (about half the size; any TFLite runtime). The kernels are not rounded to their
-  nearest float16 one by one: `worker.engine.rounding` picks float16 values that keep each layer's output on
-  calibration images closest to the float model's (nearest rounding moved 0.7-0.9 % of the transfer model's
-  answers; its frozen MobileNetV2 amplifies small weight errors 20-60 times).
-- `tflite-int8`: full-integer post-training quantization calibrated on training images; uint8 image in (the raw
-  0..255 pixels a camera gives, quantized with scale 1 and zero point 0, so no input conversion is needed: an
-  app passes its pixels as they are) and float32 probabilities out. On the transfer model it rarely passes its
-  check yet (about 75 % agreement): the same amplification makes int8 weights and activations move too many
-  answers; see `bench/README.md`, "Exports".
+  float32 probabilities out (about half the size; any TFLite runtime).
+- Neither rounds a kernel to its nearest values one by one: `worker.engine.rounding` picks values that keep
+  each layer's output on calibration images closest to the float model's (nearest rounding to float16 moved
+  0.7-0.9 % of the transfer model's answers; its frozen MobileNetV2 amplifies small weight errors 20-60 times).
+- `tflite-int8`: post-training weight quantization calibrated on training images: the kernels stored as int8
+  (symmetric, one scale per output channel), except the smallest ones that together hold at most 5 % of the
+  weights (the first blocks' kernels, where an error travels through the whole network), stored as float16;
+  about 27 % of the float32 file. Computation stays float32 (the runtime dequantizes the weights once at load
+  time), so any TFLite CPU or GPU runtime runs it, with the float32 file's latency. uint8 image in (the raw
+  0..255 pixels a camera gives; no conversion needed) and float32 probabilities out. Full-integer quantization
+  (int8 activations too, as integer-only accelerators need) agreed with the Keras transfer model on only about
+  75 % of images: rounding the upscaled input to whole pixels alone moves 4 % of its answers, so an 8-bit
+  activation grid cannot pass the 98 % check; see `bench/README.md`, "Exports".
 - `savedmodel`: `savedmodel.tar.gz` holding `1/` (a version directory, as TF Serving and KServe's TensorFlow
   runtime expect) whose `serving_default` signature takes `image`: uint8 [N, H, W, 3] and returns
   `probabilities` float32 [N, C].
@@ -41,103 +45,49 @@ log = logging.getLogger(__name__)
 FLOAT16, INT8, SAVEDMODEL = "tflite-float16", "tflite-int8", "savedmodel"
 FILES = {FLOAT16: "model-float16.tflite", INT8: "model-int8.tflite", SAVEDMODEL: "savedmodel.tar.gz"}
 MIN_AGREEMENT = {FLOAT16: 0.995, INT8: 0.98, SAVEDMODEL: 0.999}
-#: Training images the int8 calibration sees.
-CALIBRATION_IMAGES = 200
-#: Of those, the images float16's error-compensating rounding measures layer inputs on.
-ROUNDING_IMAGES = 64
+#: Training images the error-compensating rounding of float16 and int8 measures layer inputs on.
+CALIBRATION_IMAGES = 64
+#: int8 keeps the smallest kernels float16 while they hold at most this share of the weights.
+FLOAT16_SHARE = 0.05
 CHECK_BATCH = 64
 
 
-def convert_float16(model: Any, calibration: np.ndarray) -> bytes:
-    """Float16-weight TFLite of `model`: kernels rounded by `worker.engine.rounding` on `calibration` images,
-    stored float16; biases and small constants float32; float32 in and out."""
-    from worker.engine.export import convert_tflite
-    from worker.engine.rounding import float16_rounded
-
-    with float16_rounded(model, calibration[:ROUNDING_IMAGES]):
-        content, _ = convert_tflite(model)
-    return float16_weights(bytes(content))
+def calibration_images(x_train: np.ndarray) -> np.ndarray:
+    """`CALIBRATION_IMAGES` training images spread evenly over `x_train` (whose order may follow the classes)."""
+    n = len(x_train)
+    return np.asarray(x_train[np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_IMAGES)).astype(int))])
 
 
-#: Operators whose second input is a kernel that float16 stores as float16.
-_KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+def convert_float16(float32: bytes, calibration: np.ndarray) -> bytes:
+    """`float32` (a float32 TFLite model) with its kernels rounded by `worker.engine.rounding` on `calibration`
+    images and stored as float16; biases and small constants float32; float32 in and out."""
+    from worker.engine.rounding import FLOAT16, round_kernels
+
+    return round_kernels(float32, calibration[:CALIBRATION_IMAGES], lambda found: [FLOAT16] * len(found))
 
 
-def float16_weights(content: bytes) -> bytes:
-    """A float32 TFLite model with its kernels (constant weights of convolutions and fully connected layers)
-    stored as float16, each read through a DEQUANTIZE op (which runtimes fold at load time); everything else
-    as it was. The converter's float16 mode also rounds biases and scalars (the 1/127.5 of the preprocessing
-    among them), which costs agreement and saves nothing worth having."""
-    from tensorflow.lite.python import schema_py_generated as fb
-    from tensorflow.lite.tools import flatbuffer_utils
+def convert_int8(float32: bytes, calibration: np.ndarray) -> bytes:
+    """`float32` (a float32 TFLite model) with its kernels rounded by `worker.engine.rounding` on `calibration`
+    images and stored as int8, one scale per output channel, except the smallest kernels that together hold at
+    most `FLOAT16_SHARE` of the weights (float16); uint8 image in (raw pixels), float32 out."""
+    from worker.engine.rounding import round_kernels
 
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    codes = model.operatorCodes
-
-    def builtin(index: int) -> int:
-        return max(codes[index].builtinCode, codes[index].deprecatedBuiltinCode)
-
-    kernel_ops = {getattr(fb.BuiltinOperator, name) for name in _KERNEL_OPS}
-    dequantize = next((i for i in range(len(codes)) if builtin(i) == fb.BuiltinOperator.DEQUANTIZE), None)
-    if dequantize is None:
-        code = fb.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.DEQUANTIZE
-        code.version = 3  # float16 input
-        codes.append(code)
-        dequantize = len(codes) - 1
-    for subgraph in model.subgraphs:
-        converted: set[int] = set()
-        loads = []
-        for op in subgraph.operators:
-            if builtin(op.opcodeIndex) not in kernel_ops or len(op.inputs) < 2 or op.inputs[1] in converted:
-                continue
-            index = int(op.inputs[1])
-            tensor = subgraph.tensors[index]
-            buffer = model.buffers[tensor.buffer]
-            if tensor.type != fb.TensorType.FLOAT32 or buffer.data is None or len(buffer.data) == 0:
-                continue
-            values = np.frombuffer(bytes(bytearray(buffer.data)), dtype=np.float32)
-            half = fb.BufferT()
-            half.data = np.frombuffer(values.astype(np.float16).tobytes(), dtype=np.uint8)
-            model.buffers.append(half)
-            buffer.data = None
-            stored = fb.TensorT()
-            stored.shape, stored.type = list(tensor.shape), fb.TensorType.FLOAT16
-            stored.buffer, stored.name = len(model.buffers) - 1, (tensor.name or b"") + b"/float16"
-            subgraph.tensors.append(stored)
-            load = fb.OperatorT()
-            load.opcodeIndex, load.inputs, load.outputs = dequantize, [len(subgraph.tensors) - 1], [index]
-            loads.append(load)
-            converted.add(index)
-        subgraph.operators = loads + list(subgraph.operators)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return round_kernels(float32, calibration[:CALIBRATION_IMAGES], int8_stores, uint8_input=True)
 
 
-def convert_int8(model: Any, calibration: np.ndarray) -> bytes:
-    """Full-integer TFLite of `model`, calibrated on `calibration` (uint8 images); uint8 in (scale 1, zero
-    point 0: the raw pixels), float32 out."""
-    import tensorflow as tf
+def int8_stores(found: Sequence[Any]) -> list[str]:
+    """INT8 for each kernel, except FLOAT16 for the smallest ones while they hold at most `FLOAT16_SHARE` of
+    all kernel weights (in MobileNetV2, the first blocks' kernels: a rounding error there travels through the
+    whole network, and they are 2-5 % of its bytes)."""
+    from worker.engine.rounding import FLOAT16, INT8
 
-    def representative() -> Any:
-        for image in calibration:
-            yield [np.asarray(image, dtype=np.float32)[None]]
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen(model, tf.float32)])
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.float32
-    return bytes(converter.convert())
-
-
-def _frozen(model: Any, dtype: Any) -> Any:
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    fn = tf.function(lambda x: model(x, training=False),
-                     input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], dtype, name="image")])
-    return convert_variables_to_constants_v2(fn.get_concrete_function())
+    sizes = [int(k.weights.size) for k in found]
+    stores, budget = [INT8] * len(found), FLOAT16_SHARE * sum(sizes)
+    for i in sorted(range(len(found)), key=sizes.__getitem__):
+        if sizes[i] > budget:
+            break
+        stores[i], budget = FLOAT16, budget - sizes[i]
+    return stores
 
 
 def write_savedmodel(model: Any, path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -196,9 +146,10 @@ def _checked(name: str, probs: np.ndarray, keras_probs: np.ndarray, labels: np.n
 
 
 def export_extra(model: Any, formats: Sequence[str], directory: Path, *, calibration: np.ndarray,
-                 images: np.ndarray, labels: np.ndarray, keras_probs: np.ndarray,
+                 images: np.ndarray, labels: np.ndarray, keras_probs: np.ndarray, float32: bytes | None = None,
                  progress: Callable[[float], None] | None = None) -> dict[str, dict[str, Any]]:
     """Make, check and write each of `formats` (FLOAT16, INT8, SAVEDMODEL) into `directory`; a record each.
+    The TFLite ones are made from `float32` (the job's float32 `.tflite`), converted from `model` if None.
 
     A format whose conversion fails or whose check does not pass is not written; its record has
     `passed: false` and a `reason`. Never raises for one format's trouble: the job still succeeds.
@@ -215,8 +166,11 @@ def export_extra(model: Any, formats: Sequence[str], directory: Path, *, calibra
                 finally:
                     predict.cleanup()  # type: ignore[attr-defined]
             else:
-                content = (convert_float16(model, calibration) if name == FLOAT16
-                           else convert_int8(model, calibration))
+                if float32 is None:
+                    from worker.engine.export import convert_tflite
+
+                    float32 = bytes(convert_tflite(model)[0])
+                content = (convert_float16 if name == FLOAT16 else convert_int8)(float32, calibration)
                 # As a client runs the file: raw pixels, float32 for float16, uint8 for int8.
                 probs = run_batches(content, _as_input(content, images), batch_size=CHECK_BATCH)
                 path.write_bytes(content)

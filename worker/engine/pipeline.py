@@ -43,7 +43,15 @@ from worker.errors import ArtifactWriteError, JobCancelled, TrainingDiverged
 from worker.imaging import INPUT_SHAPE
 from worker.jobstore import EpochRecord, Metrics, new_model_id, utc_now
 from worker.spec import CLASS_NAMES, JobCreate
-from worker.store import CONFUSION_FILE, CURVES_FILE, KERAS_FILE, METADATA_FILE, open_model_store, write_json_atomic
+from worker.store import (
+    CONFUSION_FILE,
+    CURVES_FILE,
+    KERAS_FILE,
+    METADATA_FILE,
+    TFLITE_FILE,
+    open_model_store,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +467,7 @@ def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, te
                        evaluation: Evaluation) -> dict[str, Any]:
     """model.keras, model.tflite (when its check passes), curves.png and confusion.png; returns the export record."""
     from worker.engine.export import export_tflite, save_keras
-    from worker.engine.exports import CALIBRATION_IMAGES, export_extra
+    from worker.engine.exports import calibration_images, export_extra
     from worker.engine.plots import plot_curves
 
     spec, progress, data = job.spec, job.progress, job.data
@@ -470,8 +478,10 @@ def _write_model_files(job: JobContext, trained: TrainedModel, staging: Path, te
     progress.within(0.3)
     formats = job.settings.export_formats
     if formats:
-        export["extra"] = export_extra(trained.model, formats, staging, calibration=data.x_train[:CALIBRATION_IMAGES],
+        float32 = staging / TFLITE_FILE
+        export["extra"] = export_extra(trained.model, formats, staging, calibration=calibration_images(data.x_train),
                                        images=data.x_test, labels=data.y_test, keras_probs=trained.test_probs,
+                                       float32=float32.read_bytes() if float32.exists() else None,
                                        progress=lambda f: progress.within(0.3 + 0.55 * f))
     progress.within(0.85)
     plot_curves(trained.history, spec.model, test_accuracy, staging / CURVES_FILE,
