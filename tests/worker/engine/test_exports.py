@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from worker.engine.export import convert_tflite
 from worker.engine import rounding
+from worker.engine.export import convert_tflite
 from worker.engine.exports import convert_float16, convert_int8
 from worker.litert import run_batches
 
