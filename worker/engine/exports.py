@@ -4,18 +4,19 @@ SavedModel for TensorFlow Serving and KServe.
 - `tflite-float16`: the kernels of convolutions and dense layers stored as float16 (DEQUANTIZE at load time),
   biases and the other small constants kept float32; float32 image in (raw 0..255, as `model.tflite`) and
   float32 probabilities out (about half the size; any TFLite runtime).
-- Neither rounds a kernel to its nearest values one by one: `worker.engine.rounding` picks values that keep
-  each layer's output on calibration images closest to the float model's (nearest rounding to float16 moved
-  0.7-0.9 % of the transfer model's answers; its frozen MobileNetV2 amplifies small weight errors 20-60 times).
 - `tflite-int8`: post-training weight quantization calibrated on training images: the kernels stored as int8
   (symmetric, one scale per output channel), except the smallest ones that together hold at most 5 % of the
   weights (the first blocks' kernels, where an error travels through the whole network), stored as float16;
   about 27 % of the float32 file. Computation stays float32 (the runtime dequantizes the weights once at load
-  time), so any TFLite CPU or GPU runtime runs it, with the float32 file's latency. uint8 image in (the raw
+  time), so a TFLite CPU runtime runs it at about the float32 file's latency. uint8 image in (the raw
   0..255 pixels a camera gives; no conversion needed) and float32 probabilities out. Full-integer quantization
   (int8 activations too, as integer-only accelerators need) agreed with the Keras transfer model on only about
   75 % of images: rounding the upscaled input to whole pixels alone moves 4 % of its answers, so an 8-bit
   activation grid cannot pass the 98 % check; see `bench/README.md`, "Exports".
+- Neither TFLite export rounds a kernel to its nearest values one by one: `worker.engine.rounding` picks values
+  that keep each layer's output on calibration images closest to the float model's (nearest rounding to float16
+  moved 0.7-0.9 % of the transfer model's answers; its frozen MobileNetV2 amplifies small weight errors 20-60
+  times).
 - `savedmodel`: `savedmodel.tar.gz` holding `1/` (a version directory, as TF Serving and KServe's TensorFlow
   runtime expect) whose `serving_default` signature takes `image`: uint8 [N, H, W, 3] and returns
   `probabilities` float32 [N, C].
