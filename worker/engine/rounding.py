@@ -152,14 +152,16 @@ def _patches(kernel: Kernel, x: np.ndarray) -> np.ndarray | None:
 
 def covariances(content: bytes, found: Sequence[Kernel], images: np.ndarray) -> list[np.ndarray | None]:
     """X^T X of each kernel's inputs over `images` (per channel for depthwise kernels), from the float model;
-    None for kernels rounded to nearest."""
+    None for kernels rounded to nearest (more than `MAX_INPUTS` inputs per output, or a layout `_patches`
+    does not handle)."""
     result: list[np.ndarray | None] = [None] * len(found)
-    wanted = [k.inputs_per_output <= MAX_INPUTS for k in found]
-    for inputs in _recorded_inputs(content, found, images):
-        for i, (kernel, x) in enumerate(zip(found, inputs, strict=True)):
-            p = _patches(kernel, x) if wanted[i] else None
+    wanted = [i for i, k in enumerate(found) if k.inputs_per_output <= MAX_INPUTS]
+    skipped: set[int] = set()
+    for inputs in _recorded_inputs(content, [found[i] for i in wanted], images):
+        for i, x in zip(wanted, inputs, strict=True):
+            p = None if i in skipped else _patches(found[i], x)
             if p is None:
-                wanted[i] = False
+                skipped.add(i)
                 result[i] = None
                 continue
             h = np.einsum("cni,cnj->cij", p, p) if p.ndim == 3 else p.T @ p
@@ -193,6 +195,11 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).astype(np.float16).astype(np.float64)
 
 
+def int8_steps(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`values` as whole multiples of `scale`, within the symmetric int8 range -127..127 (as float64)."""
+    return np.clip(np.round(values / scale), -127, 127)
+
+
 def rounded(kernel: Kernel, h: np.ndarray | None, store: str) -> Rounded:
     """`kernel` rounded onto `store`'s grid: GPTQ with `h`, or to nearest without one. int8 is symmetric with
     one scale per output channel (its largest magnitude maps to 127)."""
@@ -204,7 +211,7 @@ def rounded(kernel: Kernel, h: np.ndarray | None, store: str) -> Rounded:
 
     def grid(values: np.ndarray) -> np.ndarray:
         s = scale if values.ndim == 1 else scale[:, None]
-        return np.clip(np.round(values / s), -127, 127) * s
+        return int8_steps(values, s) * s
 
     return Rounded(INT8, grid(rows) if h is None else gptq(rows, h, grid), scale)
 
@@ -230,8 +237,7 @@ def with_stored_kernels(model: Any, found: Sequence[Kernel], choices: Sequence[R
         stored.shape, stored.name = list(tensor.shape), (tensor.name or b"") + f"/{choice.store}".encode()
         if choice.store == INT8:
             assert choice.scale is not None
-            values = kernel.from_rows(np.clip(np.round(choice.rows / choice.scale[:, None]), -127, 127)
-                                      ).astype(np.int8)
+            values = kernel.from_rows(int8_steps(choice.rows, choice.scale[:, None])).astype(np.int8)
             stored.type = fb.TensorType.INT8
             quantization = fb.QuantizationParametersT()
             quantization.scale = [float(s) for s in choice.scale]
